@@ -1,0 +1,68 @@
+"""Progress reporting for long work: items done, rate and ETA on stderr."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress as _RichProgress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+
+class Progress:
+    """A thread-safe counter shown as a rich progress bar (windows done, windows/s, ETA).
+
+    Disabled automatically when stderr is not a terminal, except for a final summary line.
+    """
+
+    def __init__(self, description: str, total: int | None = None, unit: str = "windows",
+                 enabled: bool | None = None) -> None:
+        self.description = description
+        self.total = total
+        self.unit = unit
+        self.done = 0
+        self._lock = threading.Lock()
+        self._start = time.perf_counter()
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._bar = None
+        self._task = None
+
+    def __enter__(self) -> "Progress":
+        self._start = time.perf_counter()
+        if self.enabled:
+            self._bar = _RichProgress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                TimeRemainingColumn(), transient=False,
+            )
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.description, total=self.total, rate="")
+        return self
+
+    @property
+    def rate(self) -> float:
+        elapsed = time.perf_counter() - self._start
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+    def advance(self, n: int = 1) -> None:
+        with self._lock:
+            self.done += n
+            self._refresh()
+
+    def update_to(self, done: int, total: int | None = None) -> None:
+        with self._lock:
+            self.done = done
+            if total is not None:
+                self.total = total
+            self._refresh()
+
+    def _refresh(self) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done, total=self.total,
+                             rate=f"{self.rate:.2f} {self.unit}/s")
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+

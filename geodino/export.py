@@ -8,7 +8,6 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import rasterio
 from rasterio.windows import Window
 
@@ -112,3 +111,137 @@ def np_concat(a, b):
     import pandas as pd
 
     return pd.concat([a, b], ignore_index=True)
+
+
+# --------------------------------------------------------------------------------------
+# GeoTIFF / COG export from lazy arrays
+
+COG_BLOCK = 512
+
+
+class BlockWriter:
+    """A dask.array.store target that writes blocks into an existing tiled GeoTIFF.
+
+    It holds only the path, so it pickles to dask.distributed workers; each write opens the
+    file in update mode under the store lock.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = str(path)
+
+    def __setitem__(self, key, value) -> None:
+        bands, rows, cols = key
+        window = Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
+        indexes = list(range((bands.start or 0) + 1, (bands.start or 0) + 1 + value.shape[0]))
+        with rasterio.open(self.path, "r+") as dst:
+            dst.write(value, indexes=indexes, window=window)
+
+
+class RasterOutput:
+    """One raster to export: a lazy (band, y, x) DataArray plus how to describe it."""
+
+    def __init__(self, path, data, *, dtype: str, nodata, descriptions=None, units=None, tags=None,
+                 colormap=None, classes: ClassTable | None = None, overview_resampling: str = "average",
+                 scale_offset=None) -> None:
+        self.path = Path(path)
+        self.data = data
+        self.dtype = dtype
+        self.nodata = nodata
+        self.descriptions = list(descriptions) if descriptions else None
+        self.units = units
+        self.tags = dict(tags or {})
+        self.colormap = colormap
+        self.classes = classes
+        self.overview_resampling = overview_resampling
+
+    def creation_profile(self, compress: str) -> dict:
+        crs = self.data.rio.crs
+        transform = self.data.rio.transform()
+        count, height, width = self.data.shape
+        predictor = 3 if self.dtype.startswith("float") else 2
+        return dict(driver="GTiff", width=width, height=height, count=count, dtype=self.dtype, crs=crs,
+                    transform=transform, nodata=self.nodata, tiled=True, blockxsize=COG_BLOCK,
+                    blockysize=COG_BLOCK, compress=compress, predictor=predictor, BIGTIFF="IF_SAFER")
+
+
+def _describe(dst, out: RasterOutput) -> None:
+    if out.descriptions:
+        for i, d in enumerate(out.descriptions, start=1):
+            dst.set_band_description(i, d)
+    if out.units:
+        dst.units = tuple([out.units] * dst.count)
+        for i in range(1, dst.count + 1):
+            dst.update_tags(i, units=out.units)
+    if out.tags:
+        dst.update_tags(**{k: str(v) for k, v in out.tags.items()})
+    if out.classes is not None:
+        dst.write_colormap(1, out.classes.colormap())
+        dst.update_tags(1, class_codes=",".join(map(str, out.classes.codes)),
+                        class_names=",".join(out.classes.names))
+        # GDAL's raster attribute-style category names: index = pixel value
+        cats = [""] * (max(out.classes.codes) + 1)
+        for c in out.classes.classes:
+            cats[c.code] = c.name
+        dst.update_tags(1, CATEGORY_NAMES=";".join(cats))
+
+
+def to_cog(src_path: Path, dst_path: Path, *, resampling: str, compress: str = "DEFLATE") -> None:
+    """Convert a tiled GeoTIFF into a Cloud-Optimized GeoTIFF with internal overviews."""
+    from rasterio.shutil import copy as rio_copy
+
+    with rasterio.open(src_path) as src:
+        predictor = "FLOATING_POINT" if src.dtypes[0].startswith("float") else "YES"
+    rio_copy(str(src_path), str(dst_path), driver="COG", COMPRESS=compress, PREDICTOR=predictor,
+             BLOCKSIZE=str(COG_BLOCK), OVERVIEW_RESAMPLING=resampling.upper(), RESAMPLING=resampling.upper(),
+             BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS")
+
+
+def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compress: str = "DEFLATE",
+                  intermediate_compress: str = "ZSTD", lock=None) -> list[Path]:
+    """Compute the lazy outputs together (one pass of the graph) and export each as a COG.
+
+    Blocks stream into a tiled GeoTIFF beside each target; that file is converted to a COG
+    and renamed into place. Any failure or interrupt leaves nothing at the final paths.
+    """
+    import dask.array as da
+
+    check_writable([o.path for o in outputs], overwrite)
+    with contextlib.ExitStack() as stack:
+        staged = []
+        for out in outputs:
+            final_tmp = stack.enter_context(atomic_path(out.path))
+            stream_tmp = stack.enter_context(_removed_after(partial_path(out.path)))
+            with rasterio.open(stream_tmp, "w", **out.creation_profile(intermediate_compress)) as dst:
+                _describe(dst, out)
+            staged.append((out, stream_tmp, final_tmp))
+        sources = [o.data.data.astype(o.dtype) if o.data.dtype != o.dtype else o.data.data for o in outputs]
+        targets = [BlockWriter(s) for _, s, _ in staged]
+        if lock is None:
+            lock = _default_lock()
+        da.store(sources, targets, lock=lock, compute=True)
+        for out, stream_tmp, final_tmp in staged:
+            to_cog(stream_tmp, final_tmp, resampling=out.overview_resampling, compress=compress)
+    return [o.path for o in outputs]
+
+
+def _default_lock():
+    """A lock that serialises writes: a distributed Lock under a dask.distributed client."""
+    import threading
+
+    try:
+        from distributed import Lock, get_client
+
+        get_client()
+        return Lock("geodino-raster-write")
+    except (ImportError, ValueError):
+        return threading.Lock()
+
+
+@contextlib.contextmanager
+def _removed_after(path: Path):
+    try:
+        yield path
+    finally:
+        for leftover in (path, path.with_name(path.name + ".aux.xml"), path.with_name(path.name + ".ovr")):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()

@@ -1,0 +1,391 @@
+"""The frozen DINOv3 backbone, loaded through Hugging Face transformers.
+
+``load_backbone`` takes a released hub id (or its short name), a local Hugging Face
+directory, or an original Meta ``.pth`` checkpoint (converted to the transformers layout,
+loaded with ``weights_only=True``). The result is always in eval mode with gradients off:
+fp32 on CPU, bf16 autocast on CUDA, never fp16 (DINOv3 activations overflow in fp16).
+
+Its forward returns the CLS token, the register tokens, the patch grid and chosen
+intermediate layers as grids, each passed through the final LayerNorm (transformers returns
+``hidden_states`` un-normed, as Meta's ``get_intermediate_layers(norm=True)`` would not).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from geodino.errors import ModelError
+
+GATED_HELP = (
+    "DINOv3 weights are gated on the Hugging Face Hub. Accept the license at "
+    "https://huggingface.co/{hub_id} while logged in, then download once on a machine with "
+    "internet access: `hf auth login && hf download {hub_id} --local-dir ./{short}`. "
+    "Point geodino at the copy with `--backbone ./{short}` (a local directory), or set "
+    "HF_HOME to a cache that holds it. An original Meta checkpoint (.pth) works too."
+)
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What geodino needs to know about a backbone."""
+
+    name: str  # hub id or local path
+    arch: str  # "vit" or "convnext"
+    family: str  # "web" (LVD-1689M) or "sat" (SAT-493M): sets the input normalisation
+    patch_size: int  # output stride of the patch grid
+    embed_dim: int
+    depth: int
+    layers: tuple[int, ...]  # default intermediate layers (0-based blocks)
+
+
+def _vit(name: str, family: str, dim: int, depth: int, layers: Sequence[int]) -> BackboneInfo:
+    return BackboneInfo(name, "vit", family, 16, dim, depth, tuple(layers))
+
+
+_LAYERS_12 = (2, 5, 8, 11)
+REGISTRY: dict[str, BackboneInfo] = {
+    info.name: info
+    for info in (
+        _vit("facebook/dinov3-vits16-pretrain-lvd1689m", "web", 384, 12, _LAYERS_12),
+        _vit("facebook/dinov3-vits16plus-pretrain-lvd1689m", "web", 384, 12, _LAYERS_12),
+        _vit("facebook/dinov3-vitb16-pretrain-lvd1689m", "web", 768, 12, _LAYERS_12),
+        _vit("facebook/dinov3-vitl16-pretrain-lvd1689m", "web", 1024, 24, (4, 11, 17, 23)),
+        _vit("facebook/dinov3-vith16plus-pretrain-lvd1689m", "web", 1280, 32, (7, 15, 23, 31)),
+        _vit("facebook/dinov3-vit7b16-pretrain-lvd1689m", "web", 4096, 40, (9, 19, 29, 39)),
+        _vit("facebook/dinov3-vitl16-pretrain-sat493m", "sat", 1024, 24, (4, 11, 17, 23)),
+        _vit("facebook/dinov3-vit7b16-pretrain-sat493m", "sat", 4096, 40, (9, 19, 29, 39)),
+        BackboneInfo("facebook/dinov3-convnext-tiny-pretrain-lvd1689m", "convnext", "web", 32, 768, 4, (3,)),
+        BackboneInfo("facebook/dinov3-convnext-small-pretrain-lvd1689m", "convnext", "web", 32, 768, 4, (3,)),
+        BackboneInfo("facebook/dinov3-convnext-base-pretrain-lvd1689m", "convnext", "web", 32, 1024, 4, (3,)),
+        BackboneInfo("facebook/dinov3-convnext-large-pretrain-lvd1689m", "convnext", "web", 32, 1536, 4, (3,)),
+    )
+}
+# short names: "vitl16-sat", "vits16", "convnext-tiny", ...
+ALIASES = {
+    re.sub(r"^facebook/dinov3-|-pretrain-lvd1689m$", "", k).replace("-pretrain-sat493m", "-sat"): k
+    for k in REGISTRY
+}
+
+
+def resolve_name(name: str) -> str:
+    return ALIASES.get(name, name)
+
+
+def default_layers(depth: int) -> tuple[int, ...]:
+    """Four evenly spread blocks ending at the last one (S/B: 2,5,8,11; L: 5,11,17,23 -> registry)."""
+    if depth < 4:
+        return tuple(range(depth))
+    step = depth / 4
+    return tuple(int(round(step * (i + 1))) - 1 for i in range(4))
+
+
+@dataclass
+class BackboneOutput:
+    """Tokens of one batch: cls (B, D), registers (B, R, D), patches (B, D, h, w), layers [(B, D, h, w)]."""
+
+    cls: torch.Tensor
+    registers: torch.Tensor
+    patches: torch.Tensor
+    layers: list[torch.Tensor] = field(default_factory=list)
+
+
+class Backbone:
+    """A frozen DINOv3 model with its metadata. Not an nn.Module on purpose: it never trains."""
+
+    def __init__(self, model: torch.nn.Module, info: BackboneInfo, device: torch.device,
+                 layers: Sequence[int] | None = None) -> None:
+        self.model = model
+        self.info = info
+        self.device = device
+        self.layers = tuple(layers) if layers is not None else info.layers
+        if any(not 0 <= i < info.depth for i in self.layers):
+            raise ModelError(f"intermediate layers {self.layers} out of range for a {info.depth}-block backbone")
+        self.autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+        self.model.to(device)
+        self.model.eval()
+        self.model.requires_grad_(False)
+        config = model.config
+        self.num_registers = int(getattr(config, "num_register_tokens", 0) or 0)
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def embed_dim(self) -> int:
+        return self.info.embed_dim
+
+    @property
+    def patch_size(self) -> int:
+        return self.info.patch_size
+
+    def __call__(self, pixel_values: torch.Tensor) -> BackboneOutput:
+        return self.forward(pixel_values)
+
+    @torch.inference_mode()
+    def forward(self, pixel_values: torch.Tensor) -> BackboneOutput:
+        """Run the frozen model on normalised input (B, 3, H, W), H and W multiples of the patch."""
+        if self.model.training:  # .train() turns on RoPE jitter and changes features
+            self.model.eval()
+        b, _, h, w = pixel_values.shape
+        p = self.patch_size
+        if h % 16 or w % 16:
+            raise ModelError(f"input {h}x{w} is not a multiple of 16 pixels")
+        x = pixel_values.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            out = self.model(pixel_values=x, output_hidden_states=True)
+        if self.info.arch == "convnext":
+            tokens = out.last_hidden_state.float()
+            grid = tokens[:, 1:].transpose(1, 2).reshape(b, -1, h // p, w // p)
+            return BackboneOutput(cls=out.pooler_output.float(), registers=tokens[:, :0],
+                                  patches=grid, layers=[grid])
+        prefix = 1 + self.num_registers
+        gh, gw = h // p, w // p
+        last = out.last_hidden_state.float()
+        norm = self.model.norm
+
+        def as_grid(tokens: torch.Tensor) -> torch.Tensor:
+            return tokens[:, prefix:].transpose(1, 2).reshape(b, -1, gh, gw)
+
+        with torch.autocast(self.device.type, enabled=False):
+            layers = [as_grid(norm(out.hidden_states[i + 1].float())) for i in self.layers]
+        return BackboneOutput(cls=last[:, 0], registers=last[:, 1:prefix], patches=as_grid(last), layers=layers)
+
+    def train(self, mode: bool = True):
+        raise RuntimeError("the backbone is frozen; geodino never trains it")
+
+
+# --------------------------------------------------------------------------------------
+# Meta checkpoint conversion
+
+# (Meta key pattern, transformers key template); qkv is split separately.
+_META_TO_HF = [
+    (r"cls_token", "embeddings.cls_token"),
+    (r"storage_tokens", "embeddings.register_tokens"),
+    (r"mask_token", "embeddings.mask_token"),
+    (r"patch_embed\.proj\.(weight|bias)", r"embeddings.patch_embeddings.\1"),
+    (r"blocks\.(\d+)\.norm1\.(weight|bias)", r"model.layer.\1.norm1.\2"),
+    (r"blocks\.(\d+)\.norm2\.(weight|bias)", r"model.layer.\1.norm2.\2"),
+    (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"model.layer.\1.attention.o_proj.\2"),
+    (r"blocks\.(\d+)\.ls1\.gamma", r"model.layer.\1.layer_scale1.lambda1"),
+    (r"blocks\.(\d+)\.ls2\.gamma", r"model.layer.\1.layer_scale2.lambda1"),
+    (r"blocks\.(\d+)\.mlp\.fc1\.(weight|bias)", r"model.layer.\1.mlp.up_proj.\2"),
+    (r"blocks\.(\d+)\.mlp\.fc2\.(weight|bias)", r"model.layer.\1.mlp.down_proj.\2"),
+    (r"blocks\.(\d+)\.mlp\.w1\.(weight|bias)", r"model.layer.\1.mlp.gate_proj.\2"),
+    (r"blocks\.(\d+)\.mlp\.w2\.(weight|bias)", r"model.layer.\1.mlp.up_proj.\2"),
+    (r"blocks\.(\d+)\.mlp\.w3\.(weight|bias)", r"model.layer.\1.mlp.down_proj.\2"),
+    (r"norm\.(weight|bias)", r"norm.\1"),
+]
+# Meta keys without a transformers counterpart: RoPE periods are recomputed, the key bias is
+# masked to zero in Meta's code and absent in transformers, heads belong to other tasks.
+_META_DROP = re.compile(r"rope_embed\.periods|.*\.qkv\.bias_mask|local_cls_norm\..*|head\..*|dino_head\..*")
+
+
+def meta_to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an original DINOv3 ViT state dict to the transformers DINOv3ViTModel layout."""
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in state.items():
+        if _META_DROP.fullmatch(key):
+            continue
+        m = re.fullmatch(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", key)
+        if m:
+            i, kind = m.groups()
+            q, k, v = value.chunk(3, dim=0)
+            out[f"model.layer.{i}.attention.q_proj.{kind}"] = q
+            out[f"model.layer.{i}.attention.v_proj.{kind}"] = v
+            if kind == "weight":
+                out[f"model.layer.{i}.attention.k_proj.weight"] = k
+            continue
+        for pattern, template in _META_TO_HF:
+            if re.fullmatch(pattern, key):
+                new = re.sub(pattern, template, key)
+                if key == "mask_token":
+                    value = value.reshape(1, 1, -1)
+                out[new] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ModelError(f"unrecognised keys in the Meta checkpoint: {', '.join(unknown[:8])}")
+    return out
+
+
+def config_from_meta_state_dict(state: dict[str, torch.Tensor]):
+    """A DINOv3ViTConfig that fits an original Meta ViT state dict (head dim 64 as released)."""
+    from transformers import DINOv3ViTConfig
+
+    if "cls_token" not in state or "patch_embed.proj.weight" not in state:
+        raise ModelError("not a DINOv3 ViT checkpoint (no cls_token / patch_embed)")
+    dim = state["cls_token"].shape[-1]
+    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    gated = "blocks.0.mlp.w1.weight" in state
+    hidden = state["blocks.0.mlp.w1.weight" if gated else "blocks.0.mlp.fc1.weight"].shape[0]
+    head_dim = int(os.environ.get("GEODINO_META_HEAD_DIM", "64"))
+    heads = max(1, dim // head_dim)
+    return DINOv3ViTConfig(
+        hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=hidden,
+        patch_size=state["patch_embed.proj.weight"].shape[-1],
+        num_register_tokens=state["storage_tokens"].shape[1] if "storage_tokens" in state else 0,
+        use_gated_mlp=gated, layerscale_value=1.0,
+        query_bias="blocks.0.attn.qkv.bias" in state, value_bias="blocks.0.attn.qkv.bias" in state,
+        key_bias=False, proj_bias="blocks.0.attn.proj.bias" in state,
+        mlp_bias=("blocks.0.mlp.w1.bias" if gated else "blocks.0.mlp.fc1.bias") in state,
+    )
+
+
+def load_meta_checkpoint(path: str | Path, *, num_heads: int | None = None):
+    """A transformers DINOv3ViTModel from an original Meta ``.pth`` checkpoint (no pickle)."""
+    from transformers import DINOv3ViTModel
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle with code, or not a checkpoint at all
+        raise ModelError(f"{path}: cannot be read as a weights-only PyTorch checkpoint ({e})") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path}: not a state dict of tensors")
+    config = config_from_meta_state_dict(state)
+    if num_heads:
+        config.num_attention_heads = num_heads
+    model = DINOv3ViTModel(config)
+    converted = meta_to_hf_state_dict(state)
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    # k_proj has no bias in either layout; anything else missing is a real mismatch
+    if unexpected or [k for k in missing if not k.endswith("k_proj.bias")]:
+        raise ModelError(f"{path}: checkpoint does not fit the inferred architecture "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model
+
+
+# --------------------------------------------------------------------------------------
+# loading
+
+
+def _info_for(name: str, config, family: str | None, path: Path | None) -> BackboneInfo:
+    meta = {}
+    if path is not None and path.is_dir() and (path / "geodino_backbone.json").exists():
+        meta = json.loads((path / "geodino_backbone.json").read_text())
+    registered = REGISTRY.get(name) or REGISTRY.get(meta.get("hub_id", "")) or REGISTRY.get(
+        getattr(config, "_name_or_path", "") or "")
+    is_convnext = getattr(config, "model_type", "") == "dinov3_convnext"
+    if is_convnext:
+        dim = config.hidden_sizes[-1]
+        depth = len(config.hidden_sizes)
+        patch = 32
+    else:
+        dim = config.hidden_size
+        depth = config.num_hidden_layers
+        patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+    fam = family or meta.get("family") or (registered.family if registered else None)
+    if fam is None:
+        fam = "sat" if "sat493m" in name.lower() else "web"
+    layers = tuple(meta["layers"]) if "layers" in meta else (
+        registered.layers if registered and registered.depth == depth else default_layers(depth))
+    if is_convnext:
+        layers = (depth - 1,)
+    return BackboneInfo(name, "convnext" if is_convnext else "vit", fam, patch, dim, depth, layers)
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+def load_backbone(name_or_path: str | os.PathLike, device: str | torch.device | None = "cpu",
+                  dtype: torch.dtype | str | None = None, *, layers: Sequence[int] | None = None,
+                  family: str | None = None, compile: bool = False) -> Backbone:
+    """Load a frozen DINOv3 backbone from a hub id, a local directory or a Meta checkpoint.
+
+    ``dtype`` may be float32 or bfloat16 (weights stay fp32; CUDA runs under bf16 autocast).
+    float16 is refused. Offline first: a local directory or the Hugging Face cache is used
+    without network access.
+    """
+    if dtype is not None and str(dtype).replace("torch.", "") in ("float16", "half", "fp16"):
+        raise ModelError("DINOv3 overflows in float16; use bfloat16 (CUDA) or float32")
+    dev = pick_device(device)
+    name = resolve_name(str(name_or_path))
+    path = Path(name).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix not in (".pth", ".pt", ".bin"):
+                raise ModelError(f"{path}: expected a Meta checkpoint (.pth) or a Hugging Face model folder")
+            model = load_meta_checkpoint(path)
+        else:
+            if not (path / "config.json").exists():
+                raise ModelError(f"{path}: no config.json; expected a Hugging Face model folder "
+                                 "(save_pretrained / hf download) or a Meta .pth checkpoint")
+            model = _from_pretrained(str(path), local_only=True)
+        info = _info_for(str(path), model.config, family, path)
+    elif "/" in name and not name.startswith((".", "/")):
+        model = _from_pretrained(name, local_only=False)
+        info = _info_for(name, model.config, family, None)
+    else:
+        raise ModelError(f"{name_or_path}: not a local path, and not a DINOv3 hub id or short name "
+                         f"(known: {', '.join(sorted(ALIASES))})")
+    backbone = Backbone(model, info, dev, layers)
+    if compile:
+        backbone.model = torch.compile(backbone.model)
+    return backbone
+
+
+def _from_pretrained(name: str, local_only: bool):
+    from transformers import AutoConfig, DINOv3ConvNextModel, DINOv3ViTModel
+
+    offline = local_only or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    try:
+        config = AutoConfig.from_pretrained(name, local_files_only=offline)
+        cls = DINOv3ConvNextModel if config.model_type == "dinov3_convnext" else DINOv3ViTModel
+        return cls.from_pretrained(name, config=config, local_files_only=offline, attn_implementation="sdpa")
+    except (OSError, ValueError) as e:
+        if local_only:
+            raise ModelError(f"{name}: cannot load the model folder ({str(e).splitlines()[0]})") from None
+        short = name.split("/")[-1]
+        raise ModelError(f"cannot load {name}: the weights are not in the local Hugging Face cache"
+                         f"{' and the hub is offline (HF_HUB_OFFLINE=1)' if offline else ' or not downloadable'}. "
+                         + GATED_HELP.format(hub_id=name, short=short)) from None
+
+
+# --------------------------------------------------------------------------------------
+# a tiny DINOv3 for tests and the demo
+
+
+def tiny_config(hidden_size: int = 96, layers: int = 4, heads: int = 3, registers: int = 4):
+    """A DINOv3 ViT with the real architecture (RoPE, 4 registers, patch 16, layer scale), tiny."""
+    from transformers import DINOv3ViTConfig
+
+    return DINOv3ViTConfig(hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
+                           intermediate_size=4 * hidden_size, patch_size=16, num_register_tokens=registers,
+                           image_size=224, layerscale_value=1.0)
+
+
+def save_tiny_backbone(out_dir: str | os.PathLike, *, seed: int = 0, family: str = "sat", **kwargs) -> Path:
+    """Create a randomly initialised tiny DINOv3 and save it as a user would (save_pretrained)."""
+    from transformers import DINOv3ViTModel
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    config = tiny_config(**kwargs)
+    model = DINOv3ViTModel(config)
+    # random layer scale as in a trained model, so every block matters
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lambda1" in name:
+                p.uniform_(0.2, 1.0)
+    model.save_pretrained(out)
+    meta = {"family": family, "layers": list(default_layers(config.num_hidden_layers)),
+            "note": "randomly initialised tiny DINOv3 architecture for tests and the demo; not DINOv3 weights"}
+    (out / "geodino_backbone.json").write_text(json.dumps(meta, indent=2))
+    return out

@@ -1,0 +1,403 @@
+"""Opening scenes: one raster, a mosaic of several, or single-band files stacked as bands.
+
+A :class:`Scene` is a small picklable description (paths, selected bands, processing grid);
+pixels are read lazily, window by window, through per-thread rasterio handles, so a scene
+of any size is never held in memory and the same object can travel to dask workers.
+Several files are combined through a GDAL VRT (GDAL does the merging); a scene in a
+geographic CRS, or one resampled to a target ground sampling distance, is read through a
+rasterio ``WarpedVRT`` onto an explicit processing grid, which is the grid outputs are
+written on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+from xml.sax.saxutils import escape
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.enums import ColorInterp, Resampling
+from rasterio.errors import RasterioIOError
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+
+from geodino.errors import InputError
+
+SUPPORTED_DTYPES = ("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A raster grid: CRS, affine transform and size. Outputs are written on one of these."""
+
+    crs: CRS
+    transform: Affine
+    width: int
+    height: int
+
+    @property
+    def res(self) -> tuple[float, float]:
+        return abs(self.transform.a), abs(self.transform.e)
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(west, south, east, north)."""
+        return _bounds(self)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    def window_transform(self, window: Window) -> Affine:
+        return rasterio.windows.transform(window, self.transform)
+
+    def coarsen(self, factor: int) -> "Grid":
+        """The grid with pixels ``factor`` times larger (e.g. the 16 px patch grid)."""
+        return Grid(self.crs, self.transform * Affine.scale(factor),
+                    math.ceil(self.width / factor), math.ceil(self.height / factor))
+
+
+def _bounds(grid: Grid) -> tuple[float, float, float, float]:
+    west, south, east, north = rasterio.transform.array_bounds(grid.height, grid.width, grid.transform)
+    return west, south, east, north
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A lazily read scene on its processing grid.
+
+    ``source`` is a path or a VRT document; ``bands`` are 1-based indexes into it.
+    """
+
+    paths: tuple[str, ...]
+    source: str
+    bands: tuple[int, ...]
+    band_names: tuple[str, ...]
+    dtype: str
+    nodata: float | None
+    source_grid: Grid
+    grid: Grid
+    resampling: str = "bilinear"
+    _token: str = field(default="", compare=False)
+
+    @property
+    def warped(self) -> bool:
+        return self.grid != self.source_grid
+
+    @property
+    def name(self) -> str:
+        return Path(self.paths[0]).stem if len(self.paths) == 1 else f"{Path(self.paths[0]).stem}+{len(self.paths) - 1}"
+
+    @property
+    def count(self) -> int:
+        return len(self.bands)
+
+    # -- reading ------------------------------------------------------------------
+
+    def _dataset(self):
+        """A rasterio dataset for this thread (rasterio handles are not thread-safe)."""
+        cache = _HANDLES.__dict__.setdefault("datasets", {})
+        key = (self.source, self.grid, self.resampling)
+        ds = cache.get(key)
+        if ds is None or ds.closed:
+            src = rasterio.open(self.source)
+            if self.warped:
+                ds = WarpedVRT(src, crs=self.grid.crs, transform=self.grid.transform,
+                               width=self.grid.width, height=self.grid.height,
+                               resampling=Resampling[self.resampling])
+            else:
+                ds = src
+            cache[key] = ds
+        return ds
+
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """Raw values (bands, h, w) as float32 and the validity mask (h, w) of a window.
+
+        The window may reach past the scene; pixels outside are returned invalid (zeros).
+        A pixel is valid when any selected band is valid by the file's own mask (nodata,
+        internal mask or alpha, as GDAL combines them) and all its values are finite.
+        """
+        ds = self._dataset()
+        r0, c0 = int(window.row_off), int(window.col_off)
+        h, w = int(window.height), int(window.width)
+        ir0, ic0 = max(r0, 0), max(c0, 0)
+        ir1, ic1 = min(r0 + h, self.grid.height), min(c0 + w, self.grid.width)
+        data = np.zeros((len(self.bands), h, w), np.float32)
+        valid = np.zeros((h, w), bool)
+        if ir1 <= ir0 or ic1 <= ic0:
+            return data, valid
+        inner = Window(ic0, ir0, ic1 - ic0, ir1 - ir0)
+        part = ds.read(self.bands, window=inner, out_dtype="float32")
+        masks = ds.read_masks(self.bands, window=inner)
+        ok = masks.max(axis=0) > 0
+        finite = np.isfinite(part).all(axis=0)
+        if not finite.all():
+            ok &= finite
+            part = np.where(finite[None], part, 0.0)
+        data[:, ir0 - r0:ir1 - r0, ic0 - c0:ic1 - c0] = part
+        valid[ir0 - r0:ir1 - r0, ic0 - c0:ic1 - c0] = ok
+        return data, valid
+
+    def read_overview(self, max_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """A decimated read of the whole scene (from overviews where present) for statistics."""
+        ds = self._dataset()
+        scale = max(self.grid.width, self.grid.height) / max_size
+        if scale <= 1:
+            return self.read(Window(0, 0, self.grid.width, self.grid.height))
+        shape = (max(1, round(self.grid.height / scale)), max(1, round(self.grid.width / scale)))
+        data = ds.read(self.bands, out_shape=(len(self.bands),) + shape, out_dtype="float32",
+                       resampling=Resampling.nearest)
+        valid = ds.read_masks(self.bands, out_shape=(len(self.bands),) + shape,
+                              resampling=Resampling.nearest).max(axis=0) > 0
+        finite = np.isfinite(data).all(axis=0)
+        return np.where(finite[None], data, 0.0), valid & finite
+
+    def to_xarray(self, chunks: int | str = 512):
+        """The scene as a lazy dask-backed DataArray (band, y, x) with CRS and transform."""
+        import rioxarray  # noqa: F401  (registers .rio)
+
+        ds = self._dataset()
+        da = rioxarray.open_rasterio(ds, chunks={"band": -1, "x": chunks, "y": chunks}, lock=False)
+        da = da.sel(band=list(self.bands))
+        da = da.assign_coords(band_name=("band", list(self.band_names)))
+        da.attrs["scene"] = self.name
+        return da
+
+    def __getstate__(self):
+        return self.__dict__.copy()
+
+
+_HANDLES = threading.local()
+
+
+# --------------------------------------------------------------------------------------
+# opening
+
+
+def _open_checked(path: str):
+    p = Path(path)
+    if not p.exists() and not str(path).startswith(("/vsi", "http://", "https://", "s3://", "<VRT")):
+        raise InputError(f"{path}: file not found")
+    if p.is_dir():
+        raise InputError(f"{path}: is a folder, not a raster file")
+    try:
+        return rasterio.open(path)
+    except RasterioIOError as e:
+        raise InputError(f"{path}: not a raster GDAL can read ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _check_georeferenced(ds, label: str) -> None:
+    if ds.width == 0 or ds.height == 0 or ds.count == 0:
+        raise InputError(f"{label}: zero-size raster ({ds.width} x {ds.height}, {ds.count} bands)")
+    if ds.crs is None:
+        raise InputError(f"{label}: has no CRS; assign one (e.g. `rio edit-info --crs EPSG:32633 {label}`)")
+    if ds.transform == Affine.identity() and not ds.gcps[0]:
+        raise InputError(f"{label}: has no geotransform (pixel size and origin); georeference it first")
+    if ds.gcps[0] and ds.transform == Affine.identity():
+        raise InputError(f"{label}: is georeferenced by GCPs only; warp it to a grid first (gdalwarp)")
+    if ds.dtypes[0] not in SUPPORTED_DTYPES:
+        raise InputError(f"{label}: data type {ds.dtypes[0]} is not supported (use one of {', '.join(SUPPORTED_DTYPES)})")
+    if ds.transform.b != 0 or ds.transform.d != 0:
+        raise InputError(f"{label}: has a rotated geotransform; warp it north-up first")
+
+
+def build_vrt(paths: Sequence[str], *, separate: bool) -> str:
+    """A GDAL VRT document that mosaics ``paths`` (or stacks them as bands if ``separate``).
+
+    All inputs must share CRS, resolution and data type; the VRT covers their union on the
+    first file's pixel grid. GDAL performs the reading and merging.
+    """
+    infos = []
+    for path in paths:
+        with _open_checked(path) as ds:
+            _check_georeferenced(ds, path)
+            infos.append(dict(path=str(Path(path).resolve()), crs=ds.crs, transform=ds.transform, width=ds.width,
+                              height=ds.height, count=ds.count, dtype=ds.dtypes[0], nodata=ds.nodata,
+                              descriptions=ds.descriptions, block=ds.block_shapes[0]))
+    first = infos[0]
+    for info in infos[1:]:
+        if info["crs"] != first["crs"]:
+            raise InputError(f"{info['path']}: CRS {info['crs']} differs from {first['path']} ({first['crs']}); "
+                             "reproject the files to one CRS first")
+        if not np.allclose((info["transform"].a, info["transform"].e), (first["transform"].a, first["transform"].e)):
+            raise InputError(f"{info['path']}: pixel size differs from {first['path']}; resample them to one resolution")
+        if info["dtype"] != first["dtype"]:
+            raise InputError(f"{info['path']}: data type {info['dtype']} differs from {first['path']} ({first['dtype']})")
+        if separate and info["count"] != 1:
+            raise InputError(f"{info['path']}: has {info['count']} bands; stacking takes single-band files")
+        if not separate and info["count"] != first["count"]:
+            raise InputError(f"{info['path']}: has {info['count']} bands, {first['path']} has {first['count']}")
+    rx, ry = first["transform"].a, first["transform"].e
+    lefts, tops, rights, bottoms = [], [], [], []
+    for info in infos:
+        t = info["transform"]
+        lefts.append(t.c)
+        tops.append(t.f)
+        rights.append(t.c + info["width"] * t.a)
+        bottoms.append(t.f + info["height"] * t.e)
+    left, top = min(lefts), max(tops)
+    # snap the union onto the first file's pixel lattice
+    left = first["transform"].c + math.floor((left - first["transform"].c) / rx + 1e-6) * rx
+    top = first["transform"].f + math.floor((top - first["transform"].f) / ry + 1e-6) * ry
+    width = math.ceil((max(rights) - left) / rx - 1e-6)
+    height = math.ceil((min(bottoms) - top) / ry - 1e-6)
+    gdal_type = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32", "int32": "Int32",
+                 "float32": "Float32", "float64": "Float64"}[first["dtype"]]
+
+    def source(info, band):
+        t = info["transform"]
+        xoff = round((t.c - left) / rx)
+        yoff = round((t.f - top) / ry)
+        nodata = "" if info["nodata"] is None else f"<NODATA>{info['nodata']!r}</NODATA>"
+        bh, bw = info["block"]
+        return (f'<ComplexSource><SourceFilename relativeToVRT="0">{escape(info["path"])}</SourceFilename>'
+                f"<SourceBand>{band}</SourceBand>"
+                f'<SourceProperties RasterXSize="{info["width"]}" RasterYSize="{info["height"]}" '
+                f'DataType="{gdal_type}" BlockXSize="{bw}" BlockYSize="{bh}"/>'
+                f'<SrcRect xOff="0" yOff="0" xSize="{info["width"]}" ySize="{info["height"]}"/>'
+                f'<DstRect xOff="{xoff}" yOff="{yoff}" xSize="{info["width"]}" ySize="{info["height"]}"/>'
+                f"{nodata}</ComplexSource>")
+
+    bands_xml = []
+    if separate:
+        groups = [(i + 1, [(info, 1)], info["descriptions"][0] or Path(info["path"]).stem, info["nodata"])
+                  for i, info in enumerate(infos)]
+    else:
+        groups = [(b, [(info, b) for info in infos], first["descriptions"][b - 1], first["nodata"])
+                  for b in range(1, first["count"] + 1)]
+    for band, sources, description, nodata in groups:
+        nd = "" if nodata is None else f"<NoDataValue>{nodata!r}</NoDataValue>"
+        desc = f"<Description>{escape(description)}</Description>" if description else ""
+        bands_xml.append(f'<VRTRasterBand dataType="{gdal_type}" band="{band}">{desc}{nd}'
+                         + "".join(source(i, b) for i, b in sources) + "</VRTRasterBand>")
+    t = Affine(rx, 0, left, 0, ry, top)
+    geo = ", ".join(repr(v) for v in t.to_gdal())
+    return (f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">'
+            f"<SRS>{escape(first['crs'].to_wkt())}</SRS><GeoTransform>{geo}</GeoTransform>"
+            + "".join(bands_xml) + "</VRTDataset>")
+
+
+def utm_crs_for(lon: float, lat: float) -> CRS:
+    zone = int(math.floor((lon + 180.0) / 6.0)) % 60 + 1
+    return CRS.from_epsg((32600 if lat >= 0 else 32700) + zone)
+
+
+def _match_band(ds, name: str, label: str) -> int:
+    descriptions = [d or "" for d in ds.descriptions]
+    lowered = [d.lower() for d in descriptions]
+    key = name.strip().lower()
+    if key in lowered:
+        return lowered.index(key) + 1
+    # whole-word match in descriptions ("B04 red" matches "red"), then colour interpretation
+    hits = [i + 1 for i, d in enumerate(lowered) if key in d.replace("_", " ").replace("-", " ").split()]
+    if len(hits) == 1:
+        return hits[0]
+    interp = {"red": ColorInterp.red, "green": ColorInterp.green, "blue": ColorInterp.blue,
+              "alpha": ColorInterp.alpha}.get(key)
+    if interp is not None and interp in ds.colorinterp:
+        return list(ds.colorinterp).index(interp) + 1
+    available = ", ".join(f"{i + 1}: {d or '(no description)'}" for i, d in enumerate(descriptions))
+    raise InputError(f"{label}: no band named {name!r}; bands are {available}")
+
+
+def resolve_bands(ds, bands: Sequence[int | str] | None, label: str) -> tuple[int, ...]:
+    """1-based band indexes from indexes or descriptions; all bands (less alpha) when None."""
+    if bands is None:
+        alpha = [i + 1 for i, c in enumerate(ds.colorinterp) if c == ColorInterp.alpha]
+        return tuple(b for b in range(1, ds.count + 1) if b not in alpha)
+    out = []
+    for b in bands:
+        if isinstance(b, str) and b.strip().lstrip("-").isdigit():
+            b = int(b)
+        if isinstance(b, (int, np.integer)):
+            if not 1 <= int(b) <= ds.count:
+                raise InputError(f"{label}: band {b} does not exist (the file has {ds.count} bands, numbered 1-{ds.count})")
+            out.append(int(b))
+        else:
+            out.append(_match_band(ds, str(b), label))
+    return tuple(out)
+
+
+def open_scene(paths: str | os.PathLike | Sequence[str | os.PathLike], *, bands: Sequence[int | str] | None = None,
+               stack: bool = False, target_gsd: float | None = None, crs: str | CRS | None = None,
+               resampling: str = "bilinear") -> Scene:
+    """Open one raster, a mosaic (several files) or a band stack (``stack=True``) as a Scene.
+
+    ``bands`` selects bands by 1-based index or by description. Scenes in a geographic CRS
+    are warped to their local UTM zone; ``target_gsd`` resamples to that pixel size (metres);
+    ``crs`` forces a processing CRS.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise InputError("no scene given")
+    if resampling not in Resampling.__members__:
+        raise InputError(f"unknown resampling {resampling!r}; use one of nearest, bilinear, cubic, average")
+    if len(paths) == 1 and not stack:
+        source = paths[0]
+        ds = _open_checked(source)
+    else:
+        source = build_vrt(paths, separate=stack)
+        ds = rasterio.open(source)
+    label = paths[0] if len(paths) == 1 else f"mosaic of {len(paths)} files"
+    with ds:
+        _check_georeferenced(ds, label)
+        band_idx = resolve_bands(ds, bands, label)
+        names = tuple((ds.descriptions[b - 1] or f"band {b}") for b in band_idx)
+        src_grid = Grid(ds.crs, ds.transform, ds.width, ds.height)
+        dtype = ds.dtypes[band_idx[0] - 1]
+        nodata = ds.nodata
+        grid = src_grid
+        dst_crs = CRS.from_user_input(crs) if crs is not None else None
+        if dst_crs is None and ds.crs.is_geographic:
+            west, south, east, north = ds.bounds
+            dst_crs = utm_crs_for((west + east) / 2, (south + north) / 2)
+        if dst_crs is not None or target_gsd is not None:
+            from rasterio.warp import calculate_default_transform
+
+            dst_crs = dst_crs or ds.crs
+            kwargs = {"resolution": target_gsd} if target_gsd else {}
+            transform, width, height = calculate_default_transform(
+                ds.crs, dst_crs, ds.width, ds.height, *ds.bounds, **kwargs)
+            if target_gsd:
+                # keep pixel edges on multiples of the target GSD
+                left = math.floor(transform.c / target_gsd) * target_gsd
+                top = math.ceil(transform.f / target_gsd) * target_gsd
+                transform = Affine(target_gsd, 0, left, 0, -target_gsd, top)
+            grid = Grid(CRS.from_user_input(dst_crs), transform, width, height)
+    scene = Scene(paths=tuple(paths), source=source, bands=band_idx, band_names=names, dtype=dtype,
+                  nodata=nodata, source_grid=src_grid, grid=grid, resampling=resampling)
+    return scene
+
+
+def require_valid_pixels(scene: Scene) -> float:
+    """The valid fraction of the scene (from a decimated read); an error if there is none."""
+    _, valid = scene.read_overview(1024)
+    if not valid.any():
+        # a decimated read can miss slivers: confirm at full resolution, strip by strip
+        for row in range(0, scene.grid.height, 512):
+            _, v = scene.read(Window(0, row, scene.grid.width, min(512, scene.grid.height - row)))
+            if v.any():
+                return 1.0 / (scene.grid.width * scene.grid.height)
+        raise InputError(f"{scene.paths[0]}: every pixel is nodata; nothing to process")
+    return float(valid.mean())
+
+
+def with_bands(scene: Scene, bands: Sequence[int | str]) -> Scene:
+    """The same scene with another band selection."""
+    with rasterio.open(scene.source) as ds:
+        idx = resolve_bands(ds, bands, scene.paths[0])
+        names = tuple((ds.descriptions[b - 1] or f"band {b}") for b in idx)
+    return replace(scene, bands=idx, band_names=names)

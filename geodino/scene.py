@@ -109,9 +109,10 @@ class Scene:
         if ds is None or ds.closed:
             src = rasterio.open(self.source)
             if self.warped:
+                # without a nodata value, an alpha band marks where the source lies
                 ds = WarpedVRT(src, crs=self.grid.crs, transform=self.grid.transform,
                                width=self.grid.width, height=self.grid.height,
-                               resampling=Resampling[self.resampling])
+                               resampling=Resampling[self.resampling], add_alpha=src.nodata is None)
             else:
                 ds = src
             cache[key] = ds
@@ -135,8 +136,7 @@ class Scene:
             return data, valid
         inner = Window(ic0, ir0, ic1 - ic0, ir1 - ir0)
         part = ds.read(self.bands, window=inner, out_dtype="float32")
-        masks = ds.read_masks(self.bands, window=inner)
-        ok = masks.max(axis=0) > 0
+        ok = self._valid(ds, window=inner)
         finite = np.isfinite(part).all(axis=0)
         if not finite.all():
             ok &= finite
@@ -144,6 +144,19 @@ class Scene:
         data[:, ir0 - r0:ir1 - r0, ic0 - c0:ic1 - c0] = part
         valid[ir0 - r0:ir1 - r0, ic0 - c0:ic1 - c0] = ok
         return data, valid
+
+    def _valid(self, ds, **kwargs) -> np.ndarray:
+        """Valid where any selected band's own mask says so, and the alpha band (if any) too."""
+        shape = kwargs.pop("out_shape", None)
+        if shape is not None:
+            kwargs.update(out_shape=(len(self.bands),) + tuple(shape), resampling=Resampling.nearest)
+        valid = ds.read_masks(self.bands, **kwargs).max(axis=0) > 0
+        alpha = [i + 1 for i, c in enumerate(ds.colorinterp) if c == ColorInterp.alpha]
+        if alpha and alpha[0] not in self.bands:
+            if shape is not None:
+                kwargs["out_shape"] = tuple(shape)
+            valid &= ds.read(alpha[0], **kwargs) > 0
+        return valid
 
     def read_overview(self, max_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """A decimated read of the whole scene (from overviews where present) for statistics."""
@@ -154,8 +167,7 @@ class Scene:
         shape = (max(1, round(self.grid.height / scale)), max(1, round(self.grid.width / scale)))
         data = ds.read(self.bands, out_shape=(len(self.bands),) + shape, out_dtype="float32",
                        resampling=Resampling.nearest)
-        valid = ds.read_masks(self.bands, out_shape=(len(self.bands),) + shape,
-                              resampling=Resampling.nearest).max(axis=0) > 0
+        valid = self._valid(ds, out_shape=shape)
         finite = np.isfinite(data).all(axis=0)
         return np.where(finite[None], data, 0.0), valid & finite
 
@@ -255,7 +267,7 @@ def build_vrt(paths: Sequence[str], *, separate: bool) -> str:
     gdal_type = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32", "int32": "Int32",
                  "float32": "Float32", "float64": "Float64"}[first["dtype"]]
 
-    def source(info, band):
+    def source(info, band, data_type=gdal_type):
         t = info["transform"]
         xoff = round((t.c - left) / rx)
         yoff = round((t.f - top) / ry)
@@ -264,7 +276,7 @@ def build_vrt(paths: Sequence[str], *, separate: bool) -> str:
         return (f'<ComplexSource><SourceFilename relativeToVRT="0">{escape(info["path"])}</SourceFilename>'
                 f"<SourceBand>{band}</SourceBand>"
                 f'<SourceProperties RasterXSize="{info["width"]}" RasterYSize="{info["height"]}" '
-                f'DataType="{gdal_type}" BlockXSize="{bw}" BlockYSize="{bh}"/>'
+                f'DataType="{data_type}" BlockXSize="{bw}" BlockYSize="{bh}"/>'
                 f'<SrcRect xOff="0" yOff="0" xSize="{info["width"]}" ySize="{info["height"]}"/>'
                 f'<DstRect xOff="{xoff}" yOff="{yoff}" xSize="{info["width"]}" ySize="{info["height"]}"/>'
                 f"{nodata}</ComplexSource>")
@@ -281,6 +293,13 @@ def build_vrt(paths: Sequence[str], *, separate: bool) -> str:
         desc = f"<Description>{escape(description)}</Description>" if description else ""
         bands_xml.append(f'<VRTRasterBand dataType="{gdal_type}" band="{band}">{desc}{nd}'
                          + "".join(source(i, b) for i, b in sources) + "</VRTRasterBand>")
+    if not separate:
+        # The dataset mask: each file's own mask where it lies, 0 where no file does. Without
+        # it, pixels no file covers would read as valid zeros.
+        mask_sources = "".join(
+            source(info, "mask,1", "Byte").replace(f"<NODATA>{info['nodata']!r}</NODATA>", "")
+            for info in infos)
+        bands_xml.append(f'<MaskBand><VRTRasterBand dataType="Byte">{mask_sources}</VRTRasterBand></MaskBand>')
     t = Affine(rx, 0, left, 0, ry, top)
     geo = ", ".join(repr(v) for v in t.to_gdal())
     return (f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">'
@@ -373,8 +392,8 @@ def open_scene(paths: str | os.PathLike | Sequence[str | os.PathLike], *, bands:
                 ds.crs, dst_crs, ds.width, ds.height, *ds.bounds, **kwargs)
             if target_gsd:
                 # keep pixel edges on multiples of the target GSD
-                left = math.floor(transform.c / target_gsd) * target_gsd
-                top = math.ceil(transform.f / target_gsd) * target_gsd
+                left = math.floor(transform.c / target_gsd + 1e-9) * target_gsd
+                top = math.ceil(transform.f / target_gsd - 1e-9) * target_gsd
                 transform = Affine(target_gsd, 0, left, 0, -target_gsd, top)
             grid = Grid(CRS.from_user_input(dst_crs), transform, width, height)
     scene = Scene(paths=tuple(paths), source=source, bands=band_idx, band_names=names, dtype=dtype,

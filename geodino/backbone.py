@@ -343,12 +343,17 @@ def load_backbone(name_or_path: str | os.PathLike, device: str | torch.device | 
 
 def _from_pretrained(name: str, local_only: bool):
     from transformers import AutoConfig, DINOv3ConvNextModel, DINOv3ViTModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     offline = local_only or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     try:
         config = AutoConfig.from_pretrained(name, local_files_only=offline)
-        cls = DINOv3ConvNextModel if config.model_type == "dinov3_convnext" else DINOv3ViTModel
-        return cls.from_pretrained(name, config=config, local_files_only=offline, attn_implementation="sdpa")
+        if config.model_type == "dinov3_convnext":  # no attention to choose
+            return DINOv3ConvNextModel.from_pretrained(name, config=config, local_files_only=offline)
+        return DINOv3ViTModel.from_pretrained(name, config=config, local_files_only=offline,
+                                              attn_implementation="sdpa")
     except (OSError, ValueError) as e:
         if local_only:
             raise ModelError(f"{name}: cannot load the model folder ({str(e).splitlines()[0]})") from None

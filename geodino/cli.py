@@ -55,11 +55,99 @@ def synth(
             typer.echo(str(p))
 
 
+def _bands(value: Optional[str]):
+    return [b.strip() for b in value.split(",")] if value else None
+
+
+def _expand(scenes: list[str]) -> list[str]:
+    """Scenes as given, with glob patterns expanded (quoted globs, or a shell without globbing)."""
+    import glob
+
+    out = []
+    for s in scenes:
+        if any(ch in s for ch in "*?["):
+            hits = sorted(glob.glob(s))
+            if not hits:
+                raise GeodinoError(f"{s}: no file matches this pattern")
+            out.extend(hits)
+        else:
+            out.append(s)
+    return out
+
+
+@app.command()
+def run(
+    scenes: list[str] = typer.Argument(..., help="Scene files or glob patterns; each is processed on its own"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (one subfolder per scene when several)"),
+    pipeline: Optional[Path] = typer.Option(None, help="Pipeline YAML (pipelines/*.yaml); options below override it"),
+    backbone: Optional[str] = typer.Option(None, help="DINOv3 hub id, short name, local folder or Meta .pth"),
+    canopy_head: Optional[str] = typer.Option(None, help="Canopy-height head folder"),
+    landcover_head: Optional[str] = typer.Option(None, help="Land-cover head folder"),
+    canopy_model: Optional[str] = typer.Option(None, help="CHMv2 canopy model (folder or hub id) instead of a head"),
+    profile: Optional[str] = typer.Option(None, help="Sensor profile: rgb8, naip, sentinel2-l2a, landsat-c2-l2, reflectance, auto"),
+    bands: Optional[str] = typer.Option(None, help="Comma-separated R,G,B bands by index or description"),
+    window: Optional[int] = typer.Option(None, help="Window size in pixels (multiple of 16)"),
+    overlap: Optional[int] = typer.Option(None, help="Window overlap in pixels (multiple of 16)"),
+    batch_size: Optional[int] = typer.Option(None, help="Windows per model call"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or auto"),
+    embeddings: Optional[bool] = typer.Option(None, "--embeddings/--no-embeddings", help="Also write the embedding raster"),
+    probabilities: Optional[bool] = typer.Option(None, "--probabilities/--no-probabilities", help="Also write class probabilities"),
+    scheduler: Optional[str] = typer.Option(None, help="threads, local (a LocalCluster) or a scheduler address"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the backbone"),
+    overwrite: bool = typer.Option(False, help="Recompute and replace finished outputs"),
+) -> None:
+    """Map canopy height and land cover (and embeddings) for one or many scenes."""
+    from geodino.pipeline import RunOptions, load_pipeline, run_scenes
+
+    options = load_pipeline(pipeline) if pipeline else RunOptions()
+    overrides = dict(backbone=backbone, canopy_head=canopy_head, landcover_head=landcover_head,
+                     canopy_model=canopy_model, profile=profile, bands=_bands(bands), window=window, overlap=overlap,
+                     batch_size=batch_size, device=device, embeddings=embeddings, probabilities=probabilities,
+                     scheduler=scheduler, compile=compile)
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(options, key, value)
+    reports = run_scenes(_expand(scenes), out, options, overwrite=overwrite, log=lambda m: err.print(m, highlight=False))
+    for r in reports:
+        typer.echo(f"{r['scene'][0]}: {r['windows']} windows, {r['seconds']} s, {r['windows_per_second']} windows/s")
+
+
+@app.command()
+def features(
+    scene: list[str] = typer.Argument(..., help="Scene file(s): several are mosaicked"),
+    backbone: str = typer.Option(..., help="DINOv3 hub id, short name, local folder or Meta .pth"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder"),
+    profile: str = typer.Option("auto", help="Sensor profile"),
+    bands: Optional[str] = typer.Option(None, help="Comma-separated R,G,B bands by index or description"),
+    window: int = typer.Option(512, help="Window size in pixels"),
+    overlap: int = typer.Option(64, help="Window overlap in pixels"),
+    batch_size: int = typer.Option(8, help="Windows per model call"),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto"),
+    dtype: str = typer.Option("float32", help="float32 (or float16 with rasterio >= 1.5)"),
+    overwrite: bool = typer.Option(False, help="Replace existing outputs"),
+) -> None:
+    """Per-patch DINOv3 embeddings as a georeferenced raster, plus a 3-band PCA picture."""
+    from geodino.features import pca_picture
+    from geodino.pipeline import RunOptions, build_run, write_scene
+
+    options = RunOptions(backbone=backbone, profile=profile, bands=_bands(bands), window=window, overlap=overlap,
+                         batch_size=batch_size, device=device, embeddings=True, embeddings_dtype=dtype,
+                         polygons=False)
+    from geodino.export import check_writable
+
+    check_writable([out / "embeddings.tif", out / "embeddings_pca.tif"], overwrite)
+    run = build_run(scene, options)
+    write_scene(run, out, overwrite=overwrite)
+    pca_picture(out / "embeddings.tif", out / "embeddings_pca.tif", overwrite=overwrite)
+    typer.echo(str(out / "embeddings.tif"))
+    typer.echo(str(out / "embeddings_pca.tif"))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except GeodinoError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return e.exit_code
     except typer.Abort:
         err.print("aborted")

@@ -141,22 +141,23 @@ class RasterOutput:
     """One raster to export: a lazy (band, y, x) DataArray plus how to describe it."""
 
     def __init__(self, path, data, *, dtype: str, nodata, descriptions=None, units=None, tags=None,
-                 colormap=None, classes: ClassTable | None = None, overview_resampling: str = "average",
-                 scale_offset=None) -> None:
+                 classes: ClassTable | None = None, overview_resampling: str = "average", grid=None) -> None:
         self.path = Path(path)
+        self.grid = grid  # geodino.scene.Grid; None: taken from the DataArray's rio accessor
         self.data = data
         self.dtype = dtype
         self.nodata = nodata
         self.descriptions = list(descriptions) if descriptions else None
         self.units = units
         self.tags = dict(tags or {})
-        self.colormap = colormap
         self.classes = classes
         self.overview_resampling = overview_resampling
 
     def creation_profile(self, compress: str) -> dict:
-        crs = self.data.rio.crs
-        transform = self.data.rio.transform()
+        if self.grid is not None:
+            crs, transform = self.grid.crs, self.grid.transform
+        else:
+            crs, transform = self.data.rio.crs, self.data.rio.transform()
         count, height, width = self.data.shape
         predictor = 3 if self.dtype.startswith("float") else 2
         return dict(driver="GTiff", width=width, height=height, count=count, dtype=self.dtype, crs=crs,

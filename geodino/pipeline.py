@@ -254,27 +254,26 @@ def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, 
     out.mkdir(parents=True, exist_ok=True)
     ds, o = run.dataset, run.options
     tags = _provenance(run)
+    grid = run.scene.grid
     rasters = []
     if "canopy_height" in ds:
         rasters.append(RasterOutput(out / "canopy_height.tif", ds["canopy_height"].expand_dims(band=1),
                                     dtype="float32", nodata=float("nan"), descriptions=["canopy height"],
-                                    units="m", tags=tags, overview_resampling="average"))
+                                    units="m", tags=tags, overview_resampling="average", grid=grid))
     if "landcover" in ds:
         rasters.append(RasterOutput(out / "landcover.tif", ds["landcover"].expand_dims(band=1), dtype="uint8",
                                     nodata=run.classes.nodata, descriptions=["land cover"], tags=tags,
-                                    classes=run.classes, overview_resampling="mode"))
+                                    classes=run.classes, overview_resampling="mode", grid=grid))
     if "landcover_probability" in ds:
         rasters.append(RasterOutput(out / "landcover_probability.tif", ds["landcover_probability"],
                                     dtype="float32", nodata=float("nan"),
                                     descriptions=[f"P({n})" for n in run.classes.names], units="probability",
-                                    tags=tags, overview_resampling="average"))
+                                    tags=tags, overview_resampling="average", grid=grid))
     if "embeddings" in ds:
         emb = ds["embeddings"].rename(embedding="band", y_patch="y", x_patch="x")
         rasters.append(RasterOutput(out / "embeddings.tif", emb, dtype=o.embeddings_dtype, nodata=float("nan"),
                                     descriptions=[f"embedding {i}" for i in range(emb.shape[0])], tags=tags,
-                                    overview_resampling="average"))
-    for r in rasters:
-        r.data = r.data.rio.write_crs(run.scene.grid.crs)
+                                    overview_resampling="average", grid=grid.coarsen(run.bundle.patch_size)))
     total = len(run.tiles)
     start = time.perf_counter()
     with Progress(f"{run.scene.name}", total=total, enabled=None if not quiet else False) as bar:

@@ -36,3 +36,31 @@ def collar_scene(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("collar_scene")
     return generate(out, SynthConfig(width=800, height=700, seed=11, nodata_collar=True))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """A tiny DINOv3 saved like a user's local copy, with untrained (random) heads on it."""
+    import torch
+
+    from geodino.backbone import load_backbone, save_tiny_backbone
+    from geodino.classes import WORLDCOVER
+    from geodino.heads import HeadMeta, build_head, save_head
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    bb_dir = save_tiny_backbone(root / "backbone", seed=0)
+    bb = load_backbone(bb_dir)
+    torch.manual_seed(0)
+    paths = {"backbone": str(bb_dir)}
+    for task, kind in (("canopy", "dpt"), ("landcover", "linear")):
+        meta = HeadMeta(task=task, head_type=kind, embed_dim=bb.embed_dim, num_layers=len(bb.layers),
+                        backbone=str(bb_dir), backbone_layers=list(bb.layers), profile="reflectance",
+                        classes=WORLDCOVER.to_dict() if task == "landcover" else None,
+                        units="m" if task == "canopy" else None, window=128, overlap=32)
+        head = build_head(meta).eval()
+        with torch.no_grad():  # give the untrained BatchNorm some spread so outputs vary
+            for m in head.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_var.fill_(0.05)
+        paths[task] = str(save_head(head, root / task))
+    return paths

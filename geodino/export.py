@@ -119,24 +119,6 @@ def np_concat(a, b):
 COG_BLOCK = 512
 
 
-class BlockWriter:
-    """A dask.array.store target that writes blocks into an existing tiled GeoTIFF.
-
-    It holds only the path, so it pickles to dask.distributed workers; each write opens the
-    file in update mode under the store lock.
-    """
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = str(path)
-
-    def __setitem__(self, key, value) -> None:
-        bands, rows, cols = key
-        window = Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
-        indexes = list(range((bands.start or 0) + 1, (bands.start or 0) + 1 + value.shape[0]))
-        with rasterio.open(self.path, "r+") as dst:
-            dst.write(value, indexes=indexes, window=window)
-
-
 class RasterOutput:
     """One raster to export: a lazy (band, y, x) DataArray plus how to describe it."""
 
@@ -198,44 +180,35 @@ def to_cog(src_path: Path, dst_path: Path, *, resampling: str, compress: str = "
 
 
 def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compress: str = "DEFLATE",
-                  intermediate_compress: str = "ZSTD", lock=None) -> list[Path]:
-    """Compute the lazy outputs together (one pass of the graph) and export each as a COG.
+                  intermediate_compress: str = "ZSTD") -> list[Path]:
+    """Compute the lazy outputs together (each window inferred once) and export each as a COG.
 
-    Blocks stream into a tiled GeoTIFF beside each target; that file is converted to a COG
-    and renamed into place. Any failure or interrupt leaves nothing at the final paths.
+    Blocks stream, row of blocks by row of blocks (:func:`geodino.stream.stream_blocks`), into
+    a tiled GeoTIFF beside each target; that file is converted to a COG and renamed into
+    place. Any failure or interrupt leaves nothing at the final paths.
     """
-    import dask.array as da
+    from geodino.stream import stream_blocks
 
     check_writable([o.path for o in outputs], overwrite)
     with contextlib.ExitStack() as stack:
-        staged = []
+        staged, datasets = [], []
         for out in outputs:
             final_tmp = stack.enter_context(atomic_path(out.path))
             stream_tmp = stack.enter_context(_removed_after(partial_path(out.path)))
-            with rasterio.open(stream_tmp, "w", **out.creation_profile(intermediate_compress)) as dst:
-                _describe(dst, out)
             staged.append((out, stream_tmp, final_tmp))
-        sources = [o.data.data.astype(o.dtype) if o.data.dtype != o.dtype else o.data.data for o in outputs]
-        targets = [BlockWriter(s) for _, s, _ in staged]
-        if lock is None:
-            lock = _default_lock()
-        da.store(sources, targets, lock=lock, compute=True)
+        with contextlib.ExitStack() as open_files:
+            for out, stream_tmp, _ in staged:
+                dst = open_files.enter_context(
+                    rasterio.open(stream_tmp, "w", **out.creation_profile(intermediate_compress)))
+                _describe(dst, out)
+                datasets.append(dst)
+            sources = [o.data.data.astype(o.dtype) if o.data.dtype != o.dtype else o.data.data for o in outputs]
+            for index, (rows, cols), block in stream_blocks(sources):
+                window = Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
+                datasets[index].write(block, window=window)
         for out, stream_tmp, final_tmp in staged:
             to_cog(stream_tmp, final_tmp, resampling=out.overview_resampling, compress=compress)
     return [o.path for o in outputs]
-
-
-def _default_lock():
-    """A lock that serialises writes: a distributed Lock under a dask.distributed client."""
-    import threading
-
-    try:
-        from distributed import Lock, get_client
-
-        get_client()
-        return Lock("geodino-raster-write")
-    except (ImportError, ValueError):
-        return threading.Lock()
 
 
 @contextlib.contextmanager

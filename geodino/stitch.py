@@ -90,8 +90,8 @@ def run_batch(scene, normalise, tiles: Sequence[Tile], predictor: Predictor, out
 
 def assemble_block(name: str, channels: int, r0: int, r1: int, c0: int, c1: int, *batches) -> np.ndarray:
     """Sum the weighted contributions to block [r0:r1, c0:c1] in window order and normalise."""
-    acc = np.zeros((channels, r1 - r0, c1 - c0), np.float64)
-    wsum = np.zeros((r1 - r0, c1 - c0), np.float64)
+    acc = np.zeros((channels, r1 - r0, c1 - c0), np.float32)
+    wsum = np.zeros((r1 - r0, c1 - c0), np.float32)
     contributions = sorted((res for b in batches for res in b[name]), key=lambda res: res.tile.index)
     for res in contributions:
         h, w = res.weight.shape
@@ -106,7 +106,7 @@ def assemble_block(name: str, channels: int, r0: int, r1: int, c0: int, c1: int,
     with np.errstate(invalid="ignore", divide="ignore"):
         out = acc / wsum[None]
     out[:, wsum <= 0] = np.nan
-    return out.astype(np.float32)
+    return out
 
 
 def _chunks(n: int, size: int) -> tuple[int, ...]:

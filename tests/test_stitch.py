@@ -30,7 +30,7 @@ def _stitched(scene, norm, model, *, size=128, overlap=32, batch_size=4, chunks=
     return stitch(scene, norm, tiles, model, OUTPUTS, overlap=overlap, batch_size=batch_size, chunks=chunks)
 
 
-def test_chunks_batches_order_and_schedulers_do_not_change_results(collar_inputs, tiny_models):
+def test_chunks_batches_order_and_schedulers_do_not_change_results(collar_inputs, tiny_models, tmp_path):
     scene, norm = collar_inputs
     model = PatchLinear(tiny_models["backbone"])
     calls = []
@@ -55,12 +55,26 @@ def test_chunks_batches_order_and_schedulers_do_not_change_results(collar_inputs
         with dask.config.set(scheduler="threads"):
             np.testing.assert_allclose(out["value"].values, ref["value"], atol=1e-5, equal_nan=True, err_msg=str(kw))
             np.testing.assert_allclose(out["patch"].values, ref["patch"], atol=1e-5, equal_nan=True)
+    # streamed to a raster row of blocks by row of blocks: the same values, each window once
+    calls.clear()
+    streamed = _stitched(scene, norm, counting, chunks=96, batch_size=3)
+    target = tmp_path / "streamed.tif"
+    write_rasters([RasterOutput(target, streamed["value"], dtype="float32", nodata=float("nan"),
+                                grid=scene.grid)])
+    assert sum(calls) == non_empty
+    with rasterio.open(target) as d:
+        np.testing.assert_allclose(d.read(), ref["value"], atol=1e-5, equal_nan=True)
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
             Client(cluster):
         out = _stitched(scene, norm, model, chunks=160)
         np.testing.assert_allclose(out["value"].values, ref["value"], atol=1e-5, equal_nan=True)
+        out = _stitched(scene, norm, model, chunks=160)
+        write_rasters([RasterOutput(tmp_path / "distributed.tif", out["value"], dtype="float32",
+                                    nodata=float("nan"), grid=scene.grid)])
+        with rasterio.open(tmp_path / "distributed.tif") as d:
+            np.testing.assert_allclose(d.read(), ref["value"], atol=1e-5, equal_nan=True)
     # nodata exactly where the scene has no valid pixel
     _, valid = scene.read(rasterio.windows.Window(0, 0, scene.grid.width, scene.grid.height))
     np.testing.assert_array_equal(np.isnan(ref["value"][0]), ~valid)

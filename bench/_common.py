@@ -1,0 +1,65 @@
+"""Shared helpers for the benchmark scripts (not part of the package)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+CACHE = Path(os.environ.get("GEODINO_BENCH_CACHE", "/tmp/geodino-bench"))
+
+
+def machine() -> dict:
+    import torch
+
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+
+
+def synthetic_scene(size: int, bands: str = "reflectance") -> Path:
+    """A cached synthetic scene of size x size pixels (generated block by block once)."""
+    from geodino.synth import SynthConfig, generate
+
+    out = CACHE / f"scene_{size}"
+    if not (out / "scene.tif").exists():
+        generate(out, SynthConfig(width=size, height=size, seed=1), overwrite=True)
+    return out / "scene.tif"
+
+
+def rgb8_scene(size: int) -> Path:
+    """A 3-band uint8 tiled DEFLATE scene (the peers' benchmark input), derived from the synthetic one."""
+    import numpy as np
+    import rasterio
+    from rasterio.windows import Window
+
+    path = CACHE / f"rgb8_{size}.tif"
+    if path.exists():
+        return path
+    src_path = synthetic_scene(size)
+    with rasterio.open(src_path) as src:
+        profile = dict(driver="GTiff", width=size, height=size, count=3, dtype="uint8", crs=src.crs,
+                       transform=src.transform, tiled=True, blockxsize=512, blockysize=512, compress="deflate")
+        tmp = path.with_suffix(".partial.tif")
+        with rasterio.open(tmp, "w", **profile) as dst:
+            for _, win in src.block_windows(1):
+                rgb = src.read([3, 2, 1], window=win).astype(np.float32)
+                dst.write(np.clip(rgb / 3000 * 255, 0, 255).astype(np.uint8), window=win)
+        os.replace(tmp, path)
+    return path
+
+
+def run_child(code: str, *args: str) -> dict:
+    """Run ``code`` in a fresh interpreter; return its last JSON line plus its peak RSS (MB)."""
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(proc.stderr)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result.setdefault("peak_rss_mb", round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1))
+    return result
+
+
+PEAK = "import resource; peak = lambda: round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)\n"

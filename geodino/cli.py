@@ -143,6 +143,62 @@ def features(
     typer.echo(str(out / "embeddings_pca.tif"))
 
 
+@app.command()
+def fit(
+    task: str = typer.Argument(..., help="canopy or landcover"),
+    scene: str = typer.Option(..., help="Scene to fit on"),
+    labels: str = typer.Option(..., help="Label raster (any CRS/resolution) or polygons (GeoPackage, Shapefile)"),
+    backbone: str = typer.Option(..., help="DINOv3 hub id, short name, local folder or Meta .pth"),
+    out: Path = typer.Option(..., "--out", "-o", help="Head folder to write"),
+    head_type: Optional[str] = typer.Option(None, help="canopy: dpt (default) or linear"),
+    profile: str = typer.Option("auto", help="Sensor profile"),
+    bands: Optional[str] = typer.Option(None, help="Comma-separated R,G,B bands by index or description"),
+    class_column: Optional[str] = typer.Option(None, help="Polygons: column with the class code (or height)"),
+    name_column: Optional[str] = typer.Option(None, help="Polygons: column with the class name"),
+    window: int = typer.Option(256, help="Training window size in pixels"),
+    epochs: int = typer.Option(30, help="Passes over the cached features"),
+    batch_size: int = typer.Option(4, help="Windows per step"),
+    lr: float = typer.Option(2e-3, help="Learning rate (AdamW, cosine schedule)"),
+    loss: str = typer.Option("silog", help="canopy: silog, l1 or l2"),
+    val_fraction: float = typer.Option(0.2, help="Share of windows held out in spatial blocks"),
+    seed: int = typer.Option(0, help="Random seed"),
+    cache_dir: Optional[str] = typer.Option(None, help="Feature cache folder (default: OUT/.feature-cache)"),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto"),
+) -> None:
+    """Fit a canopy-height or land-cover head on frozen DINOv3 features of a labelled scene."""
+    import json
+
+    from geodino.train import FitConfig, fit as fit_head
+
+    cfg = FitConfig(task=task, scene=scene, labels=labels, backbone=backbone, out=str(out), head_type=head_type,
+                    profile=profile, bands=_bands(bands), window=window, class_column=class_column,
+                    name_column=name_column, epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
+                    val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, device=device)
+    result = fit_head(cfg)
+    typer.echo(json.dumps({"head": str(result.head_dir), "train_windows": result.train_windows,
+                           "val_windows": result.val_windows, "metrics": _brief(result.metrics),
+                           "baseline": {k: _brief(v) if isinstance(v, dict) else v
+                                        for k, v in result.baseline.items()}}, indent=2))
+
+
+def _brief(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "confusion_matrix"}
+
+
+@app.command()
+def evaluate(
+    prediction: str = typer.Argument(..., help="Predicted raster (canopy_height.tif or landcover.tif)"),
+    reference: str = typer.Argument(..., help="Reference raster on any grid (aligned by reprojection)"),
+    task: str = typer.Option(..., help="canopy or landcover"),
+) -> None:
+    """Compare a prediction with a reference raster; prints metrics as JSON."""
+    import json
+
+    from geodino.metrics import evaluate_rasters
+
+    typer.echo(json.dumps(evaluate_rasters(prediction, reference, task), indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)

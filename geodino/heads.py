@@ -88,11 +88,12 @@ class _Fusion(nn.Module):
         self.refine = _ResidualConv(c)
         self.out = nn.Conv2d(c, c, 1)
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, upsample: bool = True) -> torch.Tensor:
         if skip is not None:
             x = x + self.skip(skip)
         x = self.refine(x)
-        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        if upsample:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
         return self.out(x)
 
 
@@ -141,7 +142,7 @@ class CanopyHeightHead(nn.Module):
             x = x[..., : feats[2].shape[-2], : feats[2].shape[-1]]
             x = self.fusion[2](x, feats[2])
             x = self.fusion[1](x, feats[1])
-            x = self.fusion[0](x, feats[0])  # now 8x the patch grid
+            x = self.fusion[0](x, feats[0], upsample=False)  # 4x the patch grid (4 px cells)
             x = self.output(x)
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 

@@ -40,11 +40,27 @@ class OutputSpec:
 
 @dataclass
 class WindowResult:
+    """One window's weighted prediction, cropped to the output grid.
+
+    At full resolution only the validity mask is kept (a quarter of the bytes of float
+    weights) and the weights are rebuilt from the cached taper when a block needs them.
+    """
+
     tile: Tile
     row: int  # offset of ``values`` in the output grid
     col: int
     values: np.ndarray  # (C, h, w) float32 prediction x weight
-    weight: np.ndarray  # (h, w) float32
+    mask: np.ndarray | None  # (h, w) bool validity (full resolution)
+    coarse_weight: np.ndarray | None  # (h, w) float32 weights (coarsened outputs)
+    shape: tuple[int, int, int] = (0, 0, 0)  # scene height, width and overlap
+
+    @property
+    def weight(self) -> np.ndarray:
+        if self.coarse_weight is not None:
+            return self.coarse_weight
+        h, w = self.mask.shape
+        height, width, overlap = self.shape
+        return blend_weights(self.tile, height, width, overlap)[:h, :w] * self.mask
 
 
 Predictor = Callable[[np.ndarray], Mapping[str, np.ndarray]]
@@ -61,13 +77,14 @@ def run_batch(scene, normalise, tiles: Sequence[Tile], predictor: Predictor, out
               overlap: int, on_done: Callable[[int], None] | None = None) -> dict[str, list[WindowResult]]:
     """Read, infer and weight one batch of windows; windows without valid pixels are skipped."""
     h, w = scene.grid.height, scene.grid.width
-    kept, xs, weights = [], [], []
+    kept, xs, weights, valids = [], [], [], []
     for tile in tiles:
         x, valid = read_tile(scene, normalise, tile)
         if not valid.any():
             continue
         kept.append(tile)
         xs.append(x)
+        valids.append(valid)
         weights.append(blend_weights(tile, h, w, overlap, valid))
     results: dict[str, list[WindowResult]] = {name: [] for name in outputs}
     if kept:
@@ -82,7 +99,11 @@ def run_batch(scene, normalise, tiles: Sequence[Tile], predictor: Predictor, out
                 rh, cw = min(wt.shape[0], oh - r0), min(wt.shape[1], ow - c0)
                 wt = np.ascontiguousarray(wt[:rh, :cw], dtype=np.float32)
                 vals = np.asarray(pred[i, :, :rh, :cw], dtype=np.float32) * wt[None]
-                results[name].append(WindowResult(tile, r0, c0, vals, wt))
+                if s == 1:
+                    mask = np.ascontiguousarray(valids[i][:rh, :cw])
+                    results[name].append(WindowResult(tile, r0, c0, vals, mask, None, (h, w, overlap)))
+                else:
+                    results[name].append(WindowResult(tile, r0, c0, vals, None, wt))
     if on_done is not None:
         on_done(len(tiles))
     return results
@@ -94,7 +115,7 @@ def assemble_block(name: str, channels: int, r0: int, r1: int, c0: int, c1: int,
     wsum = np.zeros((r1 - r0, c1 - c0), np.float32)
     contributions = sorted((res for b in batches for res in b[name]), key=lambda res: res.tile.index)
     for res in contributions:
-        h, w = res.weight.shape
+        h, w = res.values.shape[-2:]
         ir0, ir1 = max(r0, res.row), min(r1, res.row + h)
         ic0, ic1 = max(c0, res.col), min(c1, res.col + w)
         if ir1 <= ir0 or ic1 <= ic0:
@@ -106,6 +127,18 @@ def assemble_block(name: str, channels: int, r0: int, r1: int, c0: int, c1: int,
     with np.errstate(invalid="ignore", divide="ignore"):
         out = acc / wsum[None]
     out[:, wsum <= 0] = np.nan
+    return out
+
+
+def _batches(tiles: Sequence[Tile], batch_size: int) -> list[list[Tile]]:
+    """Consecutive windows, never spanning two rows of windows: a batch that did would be
+    needed by blocks a whole row apart and held in memory in between."""
+    out: list[list[Tile]] = []
+    for tile in tiles:
+        if out and len(out[-1]) < batch_size and out[-1][-1].row == tile.row:
+            out[-1].append(tile)
+        else:
+            out.append([tile])
     return out
 
 
@@ -146,7 +179,7 @@ def stitch(scene, normalise, tiles: Sequence[Tile], predictor: Predictor, output
     batch_name = f"geodino-batch-{token}"
     counter = _Counter(progress)
     layers: dict = {}
-    batches = [tiles[i:i + batch_size] for i in range(0, len(tiles), batch_size)]
+    batches = _batches(tiles, batch_size)
     batch_layer = {(batch_name, i): (run_batch, scene, normalise, b, predictor, dict(outputs), overlap, counter)
                    for i, b in enumerate(batches)}
     layers[batch_name] = batch_layer

@@ -63,3 +63,37 @@ def run_child(code: str, *args: str) -> dict:
 
 
 PEAK = "import resource; peak = lambda: round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)\n"
+
+
+ARCHS = {
+    "tiny": dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=3, intermediate_size=384),
+    "vits16": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
+    "vitb16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "vitl16": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+
+
+def benchmark_model(arch: str) -> tuple[Path, Path, list[int]]:
+    """A randomly initialised DINOv3 ViT of ``arch`` and a 7-class 1x1-conv head on its last layer.
+
+    The peers' benchmark model: patch-grid logits, bilinear x16 upsampling. Cached on disk.
+    """
+    import torch
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    from geodino.classes import WORLDCOVER
+    from geodino.heads import HeadMeta, build_head, save_head
+
+    root = CACHE / f"model_{arch}"
+    backbone, head = root / "backbone", root / "head"
+    last = ARCHS[arch]["num_hidden_layers"] - 1
+    if not (head / "head.json").exists():
+        torch.manual_seed(0)
+        config = DINOv3ViTConfig(patch_size=16, num_register_tokens=4, layerscale_value=1.0, **ARCHS[arch])
+        DINOv3ViTModel(config).save_pretrained(backbone)
+        (backbone / "geodino_backbone.json").write_text(json.dumps({"family": "web", "layers": [last]}))
+        meta = HeadMeta(task="landcover", head_type="linear", embed_dim=ARCHS[arch]["hidden_size"], num_layers=1,
+                        backbone=str(backbone), backbone_layers=[last], profile="rgb8", family="web",
+                        classes=WORLDCOVER.to_dict())
+        save_head(build_head(meta).eval(), head)
+    return backbone, head, [last]

@@ -93,6 +93,18 @@ def main() -> None:
                 shutil.rmtree(dest / name)
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns(".feature-cache"))
         (dest / "quality.json").write_text(json.dumps(out, indent=2))
+        relocate(dest, out)
+
+
+def relocate(dest: Path, quality: dict) -> None:
+    """Make the copied heads name their backbone by its folder in the bundle, not a temp path."""
+    for head in ("canopy_head", "landcover_head"):
+        meta_path = dest / head / "head.json"
+        meta = json.loads(meta_path.read_text())
+        meta["backbone"] = "backbone"
+        meta["training"]["scene"] = quality["train_scene"]
+        meta["training"]["labels"] = f"{'canopy_height' if head == 'canopy_head' else 'landcover'}.tif of that scene"
+        meta_path.write_text(json.dumps(meta, indent=2))
 
 
 if __name__ == "__main__":

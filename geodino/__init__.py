@@ -9,31 +9,40 @@ import os as _os
 _os.environ.setdefault("GDAL_CACHEMAX", "256")
 
 
-def _return_freed_memory() -> None:
-    """Let glibc hand freed window-sized buffers back to the OS.
-
-    glibc raises its mmap threshold as large arrays are freed, after which window buffers
-    come from heap arenas that fragment and never shrink; with many threads the resident
-    size then creeps up with the number of windows. Fixed thresholds keep it flat. Values
-    the user set through MALLOC_* variables win.
-    """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in _os.environ:
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 256 * 1024)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-_return_freed_memory()
 
 __version__ = "0.1.0"
 
 from geodino.errors import ConfigError, GeodinoError, InputError, ModelError  # noqa: E402
 
-__all__ = ["__version__", "GeodinoError", "InputError", "ConfigError", "ModelError"]
+# The public API, imported on first use so that `import geodino` stays light.
+_LAZY = {
+    "open_scene": "geodino.scene",
+    "Scene": "geodino.scene",
+    "load_backbone": "geodino.backbone",
+    "run_scene": "geodino.pipeline",
+    "run_scenes": "geodino.pipeline",
+    "build_run": "geodino.pipeline",
+    "write_scene": "geodino.pipeline",
+    "RunOptions": "geodino.pipeline",
+    "load_pipeline": "geodino.pipeline",
+    "CanopyHeightHead": "geodino.heads",
+    "LandCoverHead": "geodino.heads",
+    "load_head": "geodino.heads",
+    "save_head": "geodino.heads",
+    "fit": "geodino.train",
+    "FitConfig": "geodino.train",
+    "metrics": "geodino.metrics",
+    "synth": "geodino.synth",
+}
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name])
+        return module if module.__name__.endswith(name) else getattr(module, name)
+    raise AttributeError(f"module 'geodino' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "GeodinoError", "InputError", "ConfigError", "ModelError", *_LAZY]

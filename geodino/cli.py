@@ -199,6 +199,46 @@ def evaluate(
     typer.echo(json.dumps(evaluate_rasters(prediction, reference, task), indent=2))
 
 
+def _data_samples() -> Path:
+    here = Path(__file__).resolve().parents[1] / "data_samples"
+    if not (here / "scene" / "scene.tif").exists():
+        raise GeodinoError(f"the sample data is not at {here}; run the demo from a clone of the geodino repository "
+                           "(pip install -e .), or use `geodino run` on your own scene")
+    return here
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("out/demo"), "--out", "-o", help="Output folder"),
+    backbone: Optional[str] = typer.Option(None, help="Run another backbone (e.g. facebook/dinov3-vitl16-pretrain-sat493m "
+                                           "or a local copy): then embeddings, plus a canopy model if given"),
+    canopy_model: Optional[str] = typer.Option(None, help="CHMv2 canopy model (e.g. facebook/dinov3-vitl16-chmv2-dpt-head)"),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto"),
+    overwrite: bool = typer.Option(True, "--overwrite/--no-overwrite", help="Replace earlier demo outputs"),
+) -> None:
+    """The full pipeline on the bundled sample scene with the bundled demo model, plus a PNG quicklook."""
+    import json
+
+    from geodino.pipeline import build_run, load_pipeline, write_scene
+    from geodino.quicklook import quicklook
+
+    samples = _data_samples()
+    options = load_pipeline(samples.parent / "pipelines" / "demo.yaml")
+    options.device = device
+    if backbone:
+        # the bundled heads belong to the bundled tiny backbone: another backbone gets embeddings
+        options.backbone, options.canopy_head, options.landcover_head = backbone, None, None
+        options.embeddings = True
+        options.profile = options.profile or "reflectance"
+    if canopy_model:
+        options.canopy_model, options.canopy_head = canopy_model, None
+    run = build_run(str(samples / "scene" / "scene.tif"), options)
+    report = write_scene(run, out, overwrite=overwrite)
+    png = quicklook((samples / "scene" / "scene.tif", [3, 2, 1]), out, out / "quicklook.png")
+    typer.echo(json.dumps({"outputs": {k: str(out / v) for k, v in report["outputs"].items()},
+                           "quicklook": str(png), "report": str(out / "report.json")}, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)

@@ -59,6 +59,7 @@ class RunOptions:
     scheduler: str = "threads"  # threads | local | tcp://host:port
     workers: int = 4
     compress: str = "DEFLATE"
+    layers: list | None = None  # backbone blocks the heads read (default: the backbone's usual four)
 
     @classmethod
     def from_mapping(cls, data: dict, source: str = "config") -> "RunOptions":
@@ -136,6 +137,11 @@ def load_pipeline(path: str | Path) -> RunOptions:
         raise ConfigError(f"{p}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of option: value")
+    # model paths written relative to the config file are found from anywhere
+    for key in ("backbone", "canopy_head", "landcover_head", "canopy_model"):
+        value = data.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute() and (p.parent / value).exists():
+            data[key] = str((p.parent / value).resolve())
     return RunOptions.from_mapping(data, source=str(p))
 
 
@@ -171,7 +177,8 @@ def build_run(scene_paths, options: RunOptions, progress=None) -> SceneRun:
     scene = open_scene(scene_paths, target_gsd=options.target_gsd)
     bundle = ModelBundle(backbone=options.backbone, device=options.device, canopy_head=options.canopy_head,
                          landcover_head=options.landcover_head, canopy_model=options.canopy_model,
-                         embeddings=options.embeddings, compile=options.compile)
+                         embeddings=options.embeddings, compile=options.compile,
+                         layers=tuple(options.layers) if options.layers else None)
     profile = options.profile or _profile_of(bundle) or "auto"
     scene, norm = prepare(scene, profile, bundle.family_name, options.bands)
     require_valid_pixels(scene)

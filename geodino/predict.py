@@ -9,6 +9,7 @@ scheduler's other threads read, normalise, blend and write around it.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,11 @@ class ModelBundle:
         from geodino.backbone import load_backbone
         from geodino.heads import load_head
 
+        # The same number of CPU threads in every process (dask.distributed workers start with
+        # OMP_NUM_THREADS=1): float reductions then split the same way, so a cluster run gives
+        # the same bytes as a local one.
+        if self.device in (None, "auto") or torch.device(self.device).type == "cpu":
+            torch.set_num_threads(int(os.environ.get("GEODINO_TORCH_THREADS", os.cpu_count() or 1)))
         backbone = load_backbone(self.backbone, self.device, layers=self.layers, family=self.family,
                                  compile=self.compile)
         heads = {}

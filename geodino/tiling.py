@@ -117,17 +117,51 @@ def read_tile(scene, normalise, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
     """Backbone input (3, S, S) float32 and validity (S, S) of one window.
 
     Parts of the window outside the scene are filled by reflecting the inside (so the model
-    sees plausible context) and marked invalid; nodata inside the scene is set to the
-    dataset mean (0 after standardising) and marked invalid.
+    sees plausible context) and marked invalid; nodata inside the scene is filled from the
+    nearest valid pixel of its row (or column), so a nodata edge does not look like a
+    feature of the land, and marked invalid.
     """
     h, w = scene.grid.height, scene.grid.width
     inner_h = min(tile.size, h - tile.row)
     inner_w = min(tile.size, w - tile.col)
     raw, valid = scene.read(Window(tile.col, tile.row, inner_w, inner_h))
-    x = normalise(raw, valid)
+    x = fill_invalid(normalise(raw), valid)
     pad_h, pad_w = tile.size - inner_h, tile.size - inner_w
     if pad_h or pad_w:
         mode = "reflect" if inner_h > 1 and inner_w > 1 else "edge"
         x = np.pad(x, ((0, 0), (0, pad_h), (0, pad_w)), mode=mode)
         valid = np.pad(valid, ((0, pad_h), (0, pad_w)), mode="constant", constant_values=False)
     return np.ascontiguousarray(x, dtype=np.float32), valid
+
+
+def _fill_along_rows(x: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Copy each invalid pixel from the nearest valid pixel in its row; rows with none stay."""
+    h, w = valid.shape
+    cols = np.arange(w)
+    left = np.where(valid, cols, -1)
+    np.maximum.accumulate(left, axis=1, out=left)
+    right = np.where(valid, cols, w)
+    right = np.minimum.accumulate(right[:, ::-1], axis=1)[:, ::-1]
+    use_left = (left >= 0) & ((right >= w) | (cols - left <= right - cols))
+    src = np.where(use_left, left, right)
+    has = valid.any(axis=1)
+    src = np.where(has[:, None], np.clip(src, 0, w - 1), cols)
+    rows = np.arange(h)[:, None]
+    filled = x[:, rows, src]
+    return filled, np.broadcast_to(has[:, None], valid.shape)
+
+
+def fill_invalid(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Fill invalid pixels of (C, h, w) ``x`` from the nearest valid pixel along rows, then columns.
+
+    Pixels of a window with no valid pixel at all get 0 (the standardised dataset mean).
+    """
+    if valid.all():
+        return x
+    if not valid.any():
+        return np.zeros_like(x)
+    filled, done = _fill_along_rows(x, valid)
+    if not done.all():
+        cols_filled, _ = _fill_along_rows(filled.transpose(0, 2, 1), done.T)
+        filled = cols_filled.transpose(0, 2, 1)
+    return np.ascontiguousarray(filled, dtype=np.float32)

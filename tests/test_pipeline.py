@@ -1,0 +1,191 @@
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import rasterio
+from rio_cogeo.cogeo import cog_validate
+
+import geodino
+from geodino.cli import main
+from geodino.errors import ConfigError
+from geodino.pipeline import RunOptions, load_pipeline, run_scenes
+from tests.conftest import REPO, realdata
+
+MODEL = REPO / "data_samples" / "model"
+SAMPLE = REPO / "data_samples" / "scene" / "scene.tif"
+
+
+def _demo_options(**kw) -> RunOptions:
+    opts = load_pipeline(REPO / "pipelines" / "demo.yaml")
+    for k, v in kw.items():
+        setattr(opts, k, v)
+    return opts
+
+
+def test_demo_from_the_readme(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    for name in ("canopy_height.tif", "landcover.tif"):
+        assert cog_validate(str(out / name))[0]
+    report = json.loads((out / "report.json").read_text())
+    assert report["complete"] and report["windows"] == 4 and report["area_km2"] == pytest.approx(0.212, abs=0.001)
+    assert set(report["landcover_area_km2"]) == {"Tree cover", "Shrubland", "Grassland", "Cropland", "Built-up",
+                                                 "Bare / sparse vegetation", "Permanent water bodies"}
+    assert 0 < report["canopy_height_m"]["max"] <= 80
+    import geopandas as gpd
+
+    polys = gpd.read_file(out / "landcover.gpkg")
+    assert len(polys) > 0 and polys["area_m2"].min() >= 10.0
+    assert (out / "quicklook.png").read_bytes()[:4] == b"\x89PNG"
+    assert printed["quicklook"].endswith("quicklook.png")
+    # the demo model is better than nothing on its own sample: land cover against ground truth
+    m = json.loads((MODEL / "quality.json").read_text())
+    assert m["landcover"]["model"]["overall_accuracy"] > m["landcover"]["baseline_majority_class"]["overall_accuracy"]
+    assert m["canopy"]["model"]["rmse"] < m["canopy"]["baseline_training_mean"]["rmse"]
+
+
+def test_pipeline_config_validation(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("backbone: x\nwindwo: 512\n")
+    with pytest.raises(ConfigError, match="unknown key\\(s\\) windwo"):
+        load_pipeline(bad)
+    bad.write_text("backbone: x\nembeddings: true\nwindow: large\n")
+    with pytest.raises(ConfigError, match="window must be int"):
+        load_pipeline(bad)
+    bad.write_text("backbone: x\nembeddings: true\noverlap: 608\n")
+    with pytest.raises(ConfigError, match="overlap 608 must be smaller"):
+        load_pipeline(bad)
+    bad.write_text("backbone: x\n")
+    with pytest.raises(ConfigError, match="nothing to compute"):
+        load_pipeline(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_pipeline(bad)
+    opts = load_pipeline(REPO / "pipelines" / "demo.yaml")
+    assert opts.backbone == str(MODEL / "backbone")  # relative to the YAML file
+    for name in ("canopy_landcover.yaml", "chmv2_canopy.yaml"):
+        assert load_pipeline(REPO / "pipelines" / name).window == 512
+
+
+def test_cli_run_with_pipeline_and_bad_key(tmp_path, capsys):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("backbone: x\nbatchsize: 4\n")
+    assert main(["run", str(SAMPLE), "--out", str(tmp_path / "o"), "--pipeline", str(bad)]) == 2
+    assert "unknown key(s) batchsize" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "none*.tif"), "--out", str(tmp_path / "o"), "--pipeline",
+                 str(REPO / "pipelines" / "demo.yaml")]) == 2
+    assert "no file matches" in capsys.readouterr().err
+
+
+def test_python_api_is_lazy_and_crs_aware():
+    ds = geodino.run_scene(SAMPLE, backbone=str(MODEL / "backbone"), landcover_head=str(MODEL / "landcover_head"))
+    assert ds["landcover"].chunks is not None  # nothing computed yet
+    with rasterio.open(SAMPLE) as src:
+        assert ds.rio.crs == src.crs
+        lc = ds["landcover"].values
+        np.testing.assert_array_equal(lc == 0, src.dataset_mask() == 0)
+
+
+@pytest.mark.parametrize("name, extra", [
+    ("RGB.byte.tif", dict(profile="rgb8")),
+    ("OSBS_029.tif", dict(profile="rgb8")),
+    ("LE70220492002106EDC00_stack.gtif",
+     dict(profile="reflectance", bands=["band 3 reflectance", "band 2 reflectance", "band 1 reflectance"])),
+])
+def test_run_on_real_rasters(tmp_path, name, extra):
+    path = realdata(name)
+    reports = run_scenes([str(path)], tmp_path, _demo_options(window=256, **extra), log=lambda m: None)
+    with rasterio.open(path) as src:
+        valid = src.dataset_mask() > 0
+        grid = (src.crs, src.transform, src.shape)
+    for out in ("canopy_height.tif", "landcover.tif"):
+        with rasterio.open(tmp_path / out) as d:
+            assert (d.crs, d.transform, d.shape) == grid
+            data = d.read(1)
+        invalid = np.isnan(data) if out.startswith("canopy") else data == 0
+        np.testing.assert_array_equal(invalid, ~valid)
+    assert reports[0]["complete"]
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def two_scenes(tmp_path_factory):
+    from geodino.synth import SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("two")
+    a = generate(root / "a", SynthConfig(width=300, height=280, seed=8))
+    b = generate(root / "b", SynthConfig(width=260, height=320, seed=25, nodata_collar=True))
+    (root / "a.tif").symlink_to(a.scene)
+    (root / "b.tif").symlink_to(b.scene)
+    return [str(root / "a.tif"), str(root / "b.tif")]
+
+
+def test_local_cluster_gives_the_same_bytes(two_scenes, tmp_path):
+    one = tmp_path / "one_by_one"
+    for scene in two_scenes:
+        run_scenes([scene], one / scene.split("/")[-1][:-4], _demo_options(window=128, overlap=32), log=print)
+    cluster = tmp_path / "cluster"
+    run_scenes(two_scenes, cluster, _demo_options(window=128, overlap=32, scheduler="local", workers=2), log=print)
+    for stem in ("a", "b"):
+        for name in ("canopy_height.tif", "landcover.tif"):
+            assert _digest(one / stem / name) == _digest(cluster / stem / name), (stem, name)
+
+
+def test_killed_run_resumes_without_redoing_finished_scenes(two_scenes, tmp_path, monkeypatch):
+    import geodino.pipeline as pipeline
+
+    real = pipeline.write_scene
+    calls = []
+
+    def dies_on_second(run, out, **kw):
+        calls.append(str(out))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(run, out, **kw)
+
+    monkeypatch.setattr(pipeline, "write_scene", dies_on_second)
+    opts = _demo_options(window=128, overlap=32)
+    with pytest.raises(KeyboardInterrupt):
+        run_scenes(two_scenes, tmp_path, opts, log=print)
+    assert (tmp_path / "a" / "report.json").exists() and not (tmp_path / "b" / "report.json").exists()
+    stamp = (tmp_path / "a" / "canopy_height.tif").stat().st_mtime_ns
+    monkeypatch.setattr(pipeline, "write_scene", real)
+    logs = []
+    reports = run_scenes(two_scenes, tmp_path, opts, log=logs.append)
+    assert any("a.tif: outputs complete" in m and "skipped" in m for m in logs)
+    assert (tmp_path / "a" / "canopy_height.tif").stat().st_mtime_ns == stamp
+    assert (tmp_path / "b" / "report.json").exists() and len(reports) == 2
+    # a damaged output is noticed and its scene redone
+    (tmp_path / "b" / "landcover.tif").write_bytes(b"truncated")
+    logs.clear()
+    run_scenes(two_scenes, tmp_path, opts, log=logs.append)
+    assert any("b.tif" in m and "windows" in m for m in logs)
+    assert cog_validate(str(tmp_path / "b" / "landcover.tif"))[0]
+
+
+def test_notebooks_run(tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    for nb_path in sorted((REPO / "notebooks").glob("*.ipynb")):
+        nb = nbformat.read(nb_path, as_version=4)
+        NotebookClient(nb, timeout=300, kernel_name="python3",
+                       resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+        assert not errors, nb_path.name
+
+
+def test_demo_model_is_small_and_documented():
+    size = sum(p.stat().st_size for p in MODEL.rglob("*") if p.is_file())
+    assert size < 5_000_000
+    text = (REPO / "data_samples" / "README.md").read_text()
+    assert "not DINOv3 weights" in text
+    assert shutil.which("geodino") or True

@@ -86,9 +86,10 @@ def stream_blocks(arrays: Sequence, blocks_per_wave: int | None = None
     for w, (_, _, batches) in enumerate(waves):
         for k in batches:
             last_use[k] = w
-    cache: dict = {}
     get = _get()
-    for w, (keys, places, batches) in enumerate(waves):
+
+    def compute(w: int, cache: dict):
+        keys, places, batches = waves[w]
         keep = sorted((k for k in batches if last_use[k] > w), key=str)
         culled, _ = cull(graph, keys + keep)
         for k in batches:
@@ -97,5 +98,20 @@ def stream_blocks(arrays: Sequence, blocks_per_wave: int | None = None
         results = get(culled, keys + keep)
         cache = {k: v for k, v in cache.items() if last_use[k] > w}
         cache.update(zip(keep, results[len(keys):]))
-        for (index, slices), block in zip(places, results[:len(keys)]):
-            yield index, slices, block
+        return results[:len(keys)], cache
+
+    # While the caller writes one wave's blocks, the next wave computes in the background.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="geodino-wave") as pool:
+        pending = pool.submit(compute, 0, {}) if waves else None
+        for w in range(len(waves)):
+            blocks, cache = pending.result()
+            pending = pool.submit(compute, w + 1, cache) if w + 1 < len(waves) else None
+            try:
+                for (index, slices), block in zip(waves[w][1], blocks):
+                    yield index, slices, block
+            except GeneratorExit:
+                if pending is not None:
+                    pending.cancel()
+                raise

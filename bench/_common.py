@@ -34,7 +34,6 @@ def rgb8_scene(size: int) -> Path:
     """A 3-band uint8 tiled DEFLATE scene (the peers' benchmark input), derived from the synthetic one."""
     import numpy as np
     import rasterio
-    from rasterio.windows import Window
 
     path = CACHE / f"rgb8_{size}.tif"
     if path.exists():

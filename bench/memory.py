@@ -31,16 +31,22 @@ print(json.dumps({"windows": report["windows"], "seconds": round(time.perf_count
 """
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192, 16384])
+def run_sizes(description: str, default_sizes: list[int], prefix: str):
+    """Parse --sizes/--arch and run `geodino run` end to end for each size in a fresh process."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--sizes", type=int, nargs="+", default=default_sizes)
     ap.add_argument("--arch", default="tiny")
     args = ap.parse_args()
     backbone, head, layers = benchmark_model(args.arch)
     results = {}
     for size in args.sizes:
         results[str(size)] = run_child(CHILD, str(rgb8_scene(size)), str(backbone), str(head), str(layers[0]),
-                                       str(CACHE / f"memory_{size}"))
+                                       str(CACHE / f"{prefix}_{size}"))
+    return args, results
+
+
+def main() -> None:
+    args, results = run_sizes(__doc__, [2048, 8192, 16384], "memory")
     rss = [r["peak_rss_mb"] for r in results.values()]
     print(json.dumps({"benchmark": "memory", "arch": args.arch, "machine": machine(), "results": results,
                       "largest_over_smallest_rss": round(rss[-1] / rss[0], 3)}, indent=2))

@@ -7,26 +7,17 @@ Target: linear, 4x the area within 4.2x the time. Prints JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import CACHE, benchmark_model, machine, rgb8_scene, run_child  # noqa: E402
-from memory import CHILD  # noqa: E402
+from _common import machine  # noqa: E402
+from memory import run_sizes  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
-    ap.add_argument("--arch", default="tiny")
-    args = ap.parse_args()
-    backbone, head, layers = benchmark_model(args.arch)
-    results = {}
-    for size in args.sizes:
-        results[str(size)] = run_child(CHILD, str(rgb8_scene(size)), str(backbone), str(head), str(layers[0]),
-                                       str(CACHE / f"scaling_{size}"))
+    args, results = run_sizes(__doc__, [2048, 4096, 8192], "scaling")
     sizes = [str(s) for s in args.sizes]
     steps = [round(results[b]["seconds"] / results[a]["seconds"] / ((int(b) / int(a)) ** 2 / 4), 3)
              for a, b in zip(sizes, sizes[1:])]

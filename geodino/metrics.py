@@ -123,7 +123,6 @@ def evaluate_rasters(prediction: str | Path, reference: str | Path, task: str, *
     Heights: the reference is averaged onto the prediction grid; classes: nearest neighbour
     (mode when the reference is finer).
     """
-    import rasterio
     from rasterio.enums import Resampling
     from rasterio.vrt import WarpedVRT
     from rasterio.windows import Window

@@ -24,7 +24,7 @@ import geodino
 from geodino.classes import ClassTable
 from geodino.errors import ConfigError
 from geodino.export import RasterOutput, atomic_path, polygonize, write_rasters
-from geodino.predict import ModelBundle
+from geodino.predict import ModelBundle, auto_batch_size
 from geodino.progress import Progress
 from geodino.scene import open_scene, require_valid_pixels
 from geodino.sensor import prepare
@@ -46,7 +46,7 @@ class RunOptions:
     bands: list | None = None
     window: int = 512
     overlap: int = 64
-    batch_size: int = 8
+    batch_size: int = 8  # 0: chosen from free GPU memory (8 on a CPU)
     chunks: int = 1024
     device: str = "cpu"
     compile: bool = False
@@ -75,8 +75,8 @@ class RunOptions:
 
     def validate(self) -> None:
         WindowSpec(self.window, self.overlap)
-        if self.batch_size < 1:
-            raise ConfigError("batch_size must be at least 1")
+        if self.batch_size < 0:
+            raise ConfigError("batch_size must be at least 1 (or 0 to choose it from free GPU memory)")
         if self.chunks < 16:
             raise ConfigError("chunks must be at least 16 pixels")
         if self.embeddings_dtype not in ("float16", "float32"):
@@ -190,8 +190,9 @@ def build_run(scene_paths, options: RunOptions, progress=None) -> SceneRun:
         for hook in hooks:
             hook(n)
 
+    batch_size = options.batch_size or auto_batch_size(bundle, spec.size)
     stitched = stitch(scene, norm, tiles, bundle, bundle.outputs(), overlap=spec.overlap,
-                      batch_size=options.batch_size, chunks=options.chunks, progress=advance)
+                      batch_size=batch_size, chunks=options.chunks, progress=advance)
     classes = _classes_of(bundle)
     variables = {}
     if "canopy_height" in stitched:

@@ -153,3 +153,21 @@ def run_chmv2(model, x: torch.Tensor, size) -> torch.Tensor:
     if tuple(out.shape[-2:]) != tuple(size):
         out = F.interpolate(out.float(), size=size, mode="bilinear", align_corners=False)
     return out.clamp_min(0)
+
+
+def auto_batch_size(bundle: ModelBundle, window: int, fraction: float = 0.6) -> int:
+    """Windows per model call that fit in ``fraction`` of the free GPU memory (8 on a CPU).
+
+    Per window (bf16): the hidden states of every block are kept (intermediate layers),
+    plus the MLP expansion and the heads' full-resolution outputs.
+    """
+    backbone, heads, chm = bundle.load()
+    if backbone.device.type != "cuda":
+        return 8
+    free, _ = torch.cuda.mem_get_info(backbone.device)
+    tokens = (window // backbone.patch_size) ** 2 + 5
+    per_window = tokens * backbone.embed_dim * 2 * (backbone.info.depth + 1 + 8)
+    per_window += window * window * 4 * (16 + sum(len(getattr(h, "classes", ())) or 1 for h in heads.values()))
+    if chm is not None:
+        per_window *= 3  # the DPT decoder's multi-scale maps
+    return int(max(1, min(256, free * fraction // per_window)))

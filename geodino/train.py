@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import rasterio
 import torch
 import torch.nn.functional as F
 from rasterio.enums import Resampling
@@ -397,7 +396,7 @@ def fit(cfg: FitConfig, *, backbone=None, progress: bool = True) -> FitResult:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     rng = np.random.default_rng(cfg.seed)
     history = []
-    d, L = backbone.embed_dim, len(backbone.layers)
+    d = backbone.embed_dim
 
     def batch(ids):
         ids = sorted(ids)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os as _os
 
 # GDAL's block cache defaults to 5% of RAM and fills with every tile read or written; a
-# fixed cap keeps geodino's memory flat in scene size. A value the user set wins.
-_os.environ.setdefault("GDAL_CACHEMAX", "256")
+# fixed cap keeps memory flat in scene size (two rows of 512 px tiles of a 16384 px wide
+# 4-band uint16 scene fit). A value the user set wins.
+_os.environ.setdefault("GDAL_CACHEMAX", "128")
 
 
 def _limit_malloc_arenas() -> None:

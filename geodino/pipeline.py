@@ -32,6 +32,8 @@ from geodino.stitch import stitch
 from geodino.tiling import WindowSpec, window_grid
 
 REPORT = "report.json"
+OUTPUT_NAMES = ("canopy_height.tif", "landcover.tif", "landcover_probability.tif", "embeddings.tif",
+                "landcover.gpkg", REPORT)
 
 
 @dataclass
@@ -47,7 +49,7 @@ class RunOptions:
     window: int = 512
     overlap: int = 64
     batch_size: int = 8  # 0: chosen from free GPU memory (8 on a CPU)
-    chunks: int = 1024
+    chunks: int = 512
     device: str = "cpu"
     compile: bool = False
     target_gsd: float | None = None
@@ -421,11 +423,9 @@ def run_scenes(scenes: Sequence[str], out: str | Path, options: RunOptions, *, o
             reports.append(json.loads((target / REPORT).read_text()))
             continue
         if not overwrite:
-            # a half-finished earlier run may have left some outputs: redo them
-            for stale in target.glob("*.tif"):
-                stale.unlink()
-            for stale in target.glob("*.gpkg"):
-                stale.unlink()
+            # a half-finished earlier run may have left some of our outputs (never other files)
+            for name in OUTPUT_NAMES:
+                (target / name).unlink(missing_ok=True)
         run = build_run(scene, options)
         reports.append(write_scene(run, target, overwrite=True, quiet=quiet))
         log(f"{scene}: {reports[-1]['windows']} windows in {reports[-1]['seconds']} s -> {target}")

@@ -61,7 +61,7 @@ def stream_blocks(arrays: Sequence, blocks_per_wave: int | None = None
     """
     graph = dict(HighLevelGraph.merge(*[a.__dask_graph__() for a in arrays]))
     if blocks_per_wave is None:
-        blocks_per_wave = max(4, 2 * int(dask.config.get("num_workers", None) or 2))
+        blocks_per_wave = max(4, int(dask.config.get("num_workers", None) or 2))
     positions: dict[tuple[int, int], list] = {}
     for i, a in enumerate(arrays):
         if len(a.chunks[0]) != 1:

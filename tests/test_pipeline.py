@@ -157,12 +157,15 @@ def test_killed_run_resumes_without_redoing_finished_scenes(two_scenes, tmp_path
         run_scenes(two_scenes, tmp_path, opts, log=print)
     assert (tmp_path / "a" / "report.json").exists() and not (tmp_path / "b" / "report.json").exists()
     stamp = (tmp_path / "a" / "canopy_height.tif").stat().st_mtime_ns
+    (tmp_path / "b").mkdir(exist_ok=True)
+    (tmp_path / "b" / "my_own_notes.tif").write_text("a user's file in the output folder stays")
     monkeypatch.setattr(pipeline, "write_scene", real)
     logs = []
     reports = run_scenes(two_scenes, tmp_path, opts, log=logs.append)
     assert any("a.tif: outputs complete" in m and "skipped" in m for m in logs)
     assert (tmp_path / "a" / "canopy_height.tif").stat().st_mtime_ns == stamp
     assert (tmp_path / "b" / "report.json").exists() and len(reports) == 2
+    assert (tmp_path / "b" / "my_own_notes.tif").exists()
     # a damaged output is noticed and its scene redone
     (tmp_path / "b" / "landcover.tif").write_bytes(b"truncated")
     logs.clear()
@@ -189,3 +192,31 @@ def test_demo_model_is_small_and_documented():
     text = (REPO / "data_samples" / "README.md").read_text()
     assert "not DINOv3 weights" in text
     assert shutil.which("geodino") or True
+
+
+_RUN_RSS = """
+import json, resource, sys
+from geodino.pipeline import RunOptions, build_run, write_scene
+from geodino.synth import SynthConfig, generate
+n, root, backbone, head = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+scene = generate(root + "/scene", SynthConfig(width=n, height=n, seed=1)).scene
+opts = RunOptions(backbone=backbone, landcover_head=head, profile="reflectance", window=256, overlap=32,
+                  chunks=512, polygons=False)
+write_scene(build_run(str(scene), opts), root + "/out", quiet=True)
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+"""
+
+
+@pytest.mark.slow
+def test_pipeline_memory_does_not_grow_with_scene_area(tmp_path):
+    """DESIGN invariant 6 on the whole pipeline: 6x the area, about the same peak RSS."""
+    import subprocess
+    import sys
+
+    rss = {}
+    for n in (1024, 2560):
+        out = subprocess.run([sys.executable, "-c", _RUN_RSS, str(n), str(tmp_path / str(n)),
+                              str(MODEL / "backbone"), str(MODEL / "landcover_head")],
+                             check=True, capture_output=True, text=True)
+        rss[n] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rss[2560] < 1.3 * rss[1024], rss

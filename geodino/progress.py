@@ -24,7 +24,12 @@ class Progress:
         self.done = 0
         self._lock = threading.Lock()
         self._start = time.perf_counter()
+        # None: a bar on a terminal, plain lines every `line_every` seconds elsewhere (logs);
+        # False: silent
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.log_lines = enabled is None and not self.enabled
+        self.line_every = 10.0
+        self._last_line = time.perf_counter()
         self._bar = None
         self._task = None
 
@@ -61,6 +66,23 @@ class Progress:
         if self._bar is not None:
             self._bar.update(self._task, completed=self.done, total=self.total,
                              rate=f"{self.rate:.2f} {self.unit}/s")
+        elif self.log_lines:
+            now = time.perf_counter()
+            finished = self.total is not None and self.done >= self.total
+            if finished or now - self._last_line >= self.line_every:
+                self._last_line = now
+                print(self.line(), file=sys.stderr, flush=True)
+
+    def line(self) -> str:
+        """One plain progress line: done/total, rate, ETA (for logs, where no bar is drawn)."""
+        text = f"{self.description}: {self.done}"
+        if self.total:
+            text += f"/{self.total} {self.unit} ({100 * self.done / self.total:.0f}%)"
+        rate = self.rate
+        text += f", {rate:.2f} {self.unit}/s"
+        if self.total and rate > 0 and self.done < self.total:
+            text += f", ETA {(self.total - self.done) / rate:.0f} s"
+        return text
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:

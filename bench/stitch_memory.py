@@ -33,7 +33,8 @@ class BandMean:
 
 scene, norm = prepare(open_scene(sys.argv[1]), "reflectance", "sat")
 tiles = window_grid(scene.grid.height, scene.grid.width, WindowSpec(512, 64))
-out = stitch(scene, norm, tiles, BandMean(), {"mean": OutputSpec(1)}, overlap=64, batch_size=8, chunks=1024)
+out = stitch(scene, norm, tiles, BandMean(), {"mean": OutputSpec(1)}, overlap=64, batch_size=8,
+             chunks=int(sys.argv[3]))
 t = time.perf_counter()
 with dask.config.set(scheduler="threads", num_workers=4):
     write_rasters([RasterOutput(sys.argv[2], out["mean"], dtype="float32", nodata=float("nan"), grid=scene.grid)],
@@ -45,12 +46,14 @@ print(json.dumps({"windows": len(tiles), "seconds": round(time.perf_counter() - 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 16384])
+    ap.add_argument("--chunks", type=int, default=512)
     args = ap.parse_args()
     results = {}
     for size in args.sizes:
-        results[str(size)] = run_child(CHILD, str(synthetic_scene(size)), str(CACHE / f"stitched_{size}.tif"))
+        results[str(size)] = run_child(CHILD, str(synthetic_scene(size)), str(CACHE / f"stitched_{size}.tif"),
+                                       str(args.chunks))
     rss = [r["peak_rss_mb"] for r in results.values()]
-    print(json.dumps({"benchmark": "stitch_memory", "machine": machine(), "results": results,
+    print(json.dumps({"benchmark": "stitch_memory", "chunks": args.chunks, "machine": machine(), "results": results,
                       "largest_over_smallest_rss": round(rss[-1] / rss[0], 3)}, indent=2))
 
 

@@ -394,3 +394,22 @@ def save_tiny_backbone(out_dir: str | os.PathLike, *, seed: int = 0, family: str
             "note": "randomly initialised tiny DINOv3 architecture for tests and the demo; not DINOv3 weights"}
     (out / "geodino_backbone.json").write_text(json.dumps(meta, indent=2))
     return out
+
+
+def save_tiny_chmv2(out_dir: str | os.PathLike, *, seed: int = 0, hidden_size: int = 64, layers: int = 4) -> Path:
+    """A randomly initialised CHMv2ForDepthEstimation (DINOv3 ViT + DPT head), tiny, for tests."""
+    from transformers import CHMv2Config, CHMv2ForDepthEstimation, DINOv3ViTConfig
+
+    torch.manual_seed(seed)
+    backbone = DINOv3ViTConfig(hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=2,
+                               intermediate_size=2 * hidden_size, num_register_tokens=4,
+                               out_indices=[1, 2, 3, 4] if layers == 4 else default_layers(layers),
+                               apply_layernorm=True, reshape_hidden_states=True)
+    backbone.return_class_token = True  # the CHMv2 head reads the CLS token of each layer
+    d = hidden_size
+    config = CHMv2Config(backbone_config=backbone, post_process_channels=[d // 4, d // 2, d, d],
+                         reassemble_factors=[4, 2, 1, 0.5], fusion_hidden_size=32, head_hidden_size=16,
+                         number_output_channels=32)
+    out = Path(out_dir)
+    CHMv2ForDepthEstimation(config).save_pretrained(out)
+    return out

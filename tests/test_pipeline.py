@@ -220,3 +220,20 @@ def test_pipeline_memory_does_not_grow_with_scene_area(tmp_path):
                              check=True, capture_output=True, text=True)
         rss[n] = json.loads(out.stdout.strip().splitlines()[-1])
     assert rss[2560] < 1.3 * rss[1024], rss
+
+
+def test_chmv2_canopy_model_through_the_pipeline(tmp_path):
+    """Meta's canopy model class (transformers CHMv2ForDepthEstimation), tiny and random."""
+    from geodino.backbone import save_tiny_chmv2
+
+    chm = save_tiny_chmv2(tmp_path / "chmv2")
+    opts = _demo_options(canopy_head=None, landcover_head=None, canopy_model=str(chm), window=256, overlap=32,
+                         polygons=False)
+    reports = run_scenes([str(SAMPLE)], tmp_path / "out", opts, log=lambda m: None)
+    with rasterio.open(tmp_path / "out" / "canopy_height.tif") as d, rasterio.open(SAMPLE) as src:
+        chm_m = d.read(1)
+        valid = src.dataset_mask() > 0
+        assert d.tags()["canopy_head"] == str(chm) and d.units == ("m",)
+    np.testing.assert_array_equal(np.isnan(chm_m), ~valid)
+    assert (chm_m[valid] >= 0).all() and chm_m[valid].std() > 0
+    assert reports[0]["models"]["canopy_model"] == str(chm)

@@ -53,6 +53,7 @@ def polygonize(raster: str | os.PathLike, out: str | os.PathLike, classes: Class
     neighbours of the same class, so each connected region becomes one polygon.
     """
     import geopandas as gpd
+    import pandas as pd
     import shapely
     from rasterio.features import shapes
 
@@ -82,8 +83,8 @@ def polygonize(raster: str | os.PathLike, out: str | os.PathLike, classes: Class
     if len(cut):
         merged = cut.dissolve(by="class_code").explode(index_parts=False).reset_index()
         gdf = gpd.GeoDataFrame(
-            np_concat(inner[["class_code", "geometry"]], merged[["class_code", "geometry"]]), crs=crs
-        )
+            pd.concat([inner[["class_code", "geometry"]], merged[["class_code", "geometry"]]], ignore_index=True),
+            crs=crs)
     else:
         gdf = inner[["class_code", "geometry"]]
     gdf = gdf.reset_index(drop=True)
@@ -105,12 +106,6 @@ def _touches_row(geom, transform, row: int) -> bool:
     y = transform.f + transform.e * row
     minx, miny, maxx, maxy = geom.bounds
     return min(miny, maxy) - 1e-9 <= y <= max(miny, maxy) + 1e-9
-
-
-def np_concat(a, b):
-    import pandas as pd
-
-    return pd.concat([a, b], ignore_index=True)
 
 
 # --------------------------------------------------------------------------------------

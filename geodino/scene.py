@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 from xml.sax.saxutils import escape
@@ -85,7 +85,6 @@ class Scene:
     source_grid: Grid
     grid: Grid
     resampling: str = "bilinear"
-    _token: str = field(default="", compare=False)
 
     @property
     def warped(self) -> bool:
@@ -181,9 +180,6 @@ class Scene:
         da = da.assign_coords(band_name=("band", list(self.band_names)))
         da.attrs["scene"] = self.name
         return da
-
-    def __getstate__(self):
-        return self.__dict__.copy()
 
 
 _HANDLES = threading.local()

@@ -94,6 +94,11 @@ def run(
     probabilities: Optional[bool] = typer.Option(None, "--probabilities/--no-probabilities", help="Also write class probabilities"),
     scheduler: Optional[str] = typer.Option(None, help="threads, local (a LocalCluster) or a scheduler address"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the backbone"),
+    target_gsd: Optional[float] = typer.Option(None, help="Resample to this pixel size in metres (e.g. 0.6 for SAT)"),
+    polygons: Optional[bool] = typer.Option(None, "--polygons/--no-polygons", help="Write land-cover polygons"),
+    min_polygon_area: Optional[float] = typer.Option(None, help="Drop polygons smaller than this (m²)"),
+    chunks: Optional[int] = typer.Option(None, help="Output block size in pixels (memory/parallelism only)"),
+    workers: Optional[int] = typer.Option(None, help="Threads for reading, blending and writing"),
     overwrite: bool = typer.Option(False, help="Recompute and replace finished outputs"),
 ) -> None:
     """Map canopy height and land cover (and embeddings) for one or many scenes."""
@@ -103,7 +108,8 @@ def run(
     overrides = dict(backbone=backbone, canopy_head=canopy_head, landcover_head=landcover_head,
                      canopy_model=canopy_model, profile=profile, bands=_bands(bands), window=window, overlap=overlap,
                      batch_size=batch_size, device=device, embeddings=embeddings, probabilities=probabilities,
-                     scheduler=scheduler, compile=compile)
+                     scheduler=scheduler, compile=compile, target_gsd=target_gsd, polygons=polygons,
+                     min_polygon_area=min_polygon_area, chunks=chunks, workers=workers)
     for key, value in overrides.items():
         if value is not None:
             setattr(options, key, value)

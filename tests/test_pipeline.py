@@ -237,3 +237,17 @@ def test_chmv2_canopy_model_through_the_pipeline(tmp_path):
     np.testing.assert_array_equal(np.isnan(chm_m), ~valid)
     assert (chm_m[valid] >= 0).all() and chm_m[valid].std() > 0
     assert reports[0]["models"]["canopy_model"] == str(chm)
+
+
+def test_cli_run_resampled_to_a_target_gsd(tmp_path, capsys):
+    out = tmp_path / "maps"
+    assert main(["run", str(SAMPLE), "--out", str(out), "--pipeline", str(REPO / "pipelines" / "demo.yaml"),
+                 "--target-gsd", "1.2", "--no-polygons", "--chunks", "256"]) == 0
+    assert "windows/s" in capsys.readouterr().out
+    with rasterio.open(out / "landcover.tif") as d, rasterio.open(SAMPLE) as src:
+        assert d.res == (1.2, 1.2) and d.crs == src.crs
+        # the grid is snapped outwards onto multiples of 1.2 m: at most one extra row or column
+        assert abs(d.width * 1.2 - src.width * 0.6) < 1.21 and abs(d.height * 1.2 - src.height * 0.6) < 1.21
+        assert (d.read(1) > 0).mean() > 0.5
+    report = json.loads((out / "report.json").read_text())
+    assert "landcover_polygons" not in report["outputs"] and report["width"] == 384

@@ -251,3 +251,18 @@ def test_cli_run_resampled_to_a_target_gsd(tmp_path, capsys):
         assert (d.read(1) > 0).mean() > 0.5
     report = json.loads((out / "report.json").read_text())
     assert "landcover_polygons" not in report["outputs"] and report["width"] == 384
+
+
+def test_demo_with_another_backbone_and_canopy_model(tmp_path, capsys):
+    """The README's way to run the sample with real weights, here with tiny random stand-ins."""
+    from geodino.backbone import save_tiny_backbone, save_tiny_chmv2
+
+    backbone = save_tiny_backbone(tmp_path / "dinov3-vitl16-pretrain-sat493m", hidden_size=64, heads=2)
+    chm = save_tiny_chmv2(tmp_path / "chmv2")
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--backbone", str(backbone), "--canopy-model", str(chm)]) == 0
+    outputs = json.loads(capsys.readouterr().out)["outputs"]
+    assert set(outputs) == {"canopy_height", "embeddings"}
+    with rasterio.open(out / "embeddings.tif") as d:
+        assert d.count == 64 and d.tags()["backbone"] == str(backbone)
+    assert (out / "quicklook.png").exists()

@@ -178,12 +178,9 @@ def stitch(scene, normalise, tiles: Sequence[Tile], predictor: Predictor, output
                      overlap, batch_size, chunks)
     batch_name = f"geodino-batch-{token}"
     counter = _Counter(progress)
-    layers: dict = {}
     batches = _batches(tiles, batch_size)
     batch_layer = {(batch_name, i): (run_batch, scene, normalise, b, predictor, dict(outputs), overlap, counter)
                    for i, b in enumerate(batches)}
-    layers[batch_name] = batch_layer
-    deps = {batch_name: set()}
     results = {}
     for name, spec in outputs.items():
         s = spec.scale
@@ -203,8 +200,6 @@ def stitch(scene, normalise, tiles: Sequence[Tile], predictor: Predictor, output
                                                 *[(batch_name, k) for k in needed])
                 c0 += cw
             r0 += rh
-        layers[out_name] = layer
-        deps[out_name] = {batch_name}
         graph = HighLevelGraph(layers={batch_name: batch_layer, out_name: layer},
                                dependencies={batch_name: set(), out_name: {batch_name}})
         arr = da.Array(graph, out_name, chunks=((spec.channels,), rchunks, cchunks), dtype=np.float32)

@@ -95,17 +95,26 @@ class Normalisation:
     mean: tuple[float, float, float] = field(default=(0.0, 0.0, 0.0))
     std: tuple[float, float, float] = field(default=(1.0, 1.0, 1.0))
 
-    def __call__(self, raw: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    def __call__(self, raw: np.ndarray, valid: np.ndarray | None = None, *, inplace: bool = False) -> np.ndarray:
+        """Normalised float32 copy of ``raw`` (or ``raw`` itself, overwritten, with ``inplace``
+        when it is float32: no temporary arrays in the window-reading hot path)."""
         lo = np.asarray(self.lo, np.float32)[:, None, None]
         hi = np.asarray(self.hi, np.float32)[:, None, None]
         mean = np.asarray(self.mean, np.float32)[:, None, None]
         std = np.asarray(self.std, np.float32)[:, None, None]
-        x = np.clip((raw.astype(np.float32, copy=False) - lo) / (hi - lo), 0.0, 1.0)
-        x = (x - mean) / std
+        if inplace and raw.dtype == np.float32:
+            x = raw
+            np.subtract(x, lo, out=x)
+        else:
+            x = np.subtract(raw, lo, dtype=np.float32)
+        np.divide(x, hi - lo, out=x)
+        np.clip(x, 0.0, 1.0, out=x)
+        np.subtract(x, mean, out=x)
+        np.divide(x, std, out=x)
         if valid is not None:
             # invalid pixels carry no information: the dataset mean (0 after standardising)
-            x = np.where(valid[..., None, :, :] if x.ndim == 4 else valid[None], x, 0.0)
-        return x.astype(np.float32, copy=False)
+            np.copyto(x, 0.0, where=~(valid[..., None, :, :] if x.ndim == 4 else valid[None]))
+        return x
 
     def to_dict(self) -> dict:
         return {"profile": self.profile, "family": self.family, "lo": list(self.lo), "hi": list(self.hi),

@@ -113,25 +113,31 @@ def blend_weights(tile: Tile, height: int, width: int, overlap: int, valid: np.n
     return w
 
 
-def read_tile(scene, normalise, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
+def read_tile(scene, normalise, tile: Tile, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Backbone input (3, S, S) float32 and validity (S, S) of one window.
 
     Parts of the window outside the scene are filled by reflecting the inside (so the model
     sees plausible context) and marked invalid; nodata inside the scene is filled from the
     nearest valid pixel of its row (or column), so a nodata edge does not look like a
-    feature of the land, and marked invalid.
+    feature of the land, and marked invalid. ``out``: a (3, S, S) float32 C-contiguous array
+    to fill (a batch slot); a window inside the scene is then read and normalised in place.
     """
     h, w = scene.grid.height, scene.grid.width
     inner_h = min(tile.size, h - tile.row)
     inner_w = min(tile.size, w - tile.col)
-    raw, valid = scene.read(Window(tile.col, tile.row, inner_w, inner_h))
-    x = fill_invalid(normalise(raw), valid)
     pad_h, pad_w = tile.size - inner_h, tile.size - inner_w
+    direct = out if not (pad_h or pad_w) else None
+    raw, valid = scene.read(Window(tile.col, tile.row, inner_w, inner_h), out=direct)
+    x = fill_invalid(normalise(raw, inplace=True), valid)
     if pad_h or pad_w:
         mode = "reflect" if inner_h > 1 and inner_w > 1 else "edge"
         x = np.pad(x, ((0, 0), (0, pad_h), (0, pad_w)), mode=mode)
         valid = np.pad(valid, ((0, pad_h), (0, pad_w)), mode="constant", constant_values=False)
-    return np.ascontiguousarray(x, dtype=np.float32), valid
+    if out is None:
+        return np.ascontiguousarray(x, dtype=np.float32), valid
+    if x is not out:
+        out[...] = x
+    return out, valid
 
 
 def _fill_along_rows(x: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -117,32 +117,56 @@ class Scene:
             cache[key] = ds
         return ds
 
-    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, window: Window, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Raw values (bands, h, w) as float32 and the validity mask (h, w) of a window.
 
         The window may reach past the scene; pixels outside are returned invalid (zeros).
         A pixel is valid when any selected band is valid by the file's own mask (nodata,
         internal mask or alpha, as GDAL combines them) and all its values are finite.
+        ``out``: a C-contiguous float32 (bands, h, w) array to read into (no new buffer).
         """
         ds = self._dataset()
         r0, c0 = int(window.row_off), int(window.col_off)
         h, w = int(window.height), int(window.width)
         ir0, ic0 = max(r0, 0), max(c0, 0)
         ir1, ic1 = min(r0 + h, self.grid.height), min(c0 + w, self.grid.width)
-        data = np.zeros((len(self.bands), h, w), np.float32)
+        shape = (len(self.bands), h, w)
+        if out is None:
+            out = np.empty(shape, np.float32)
+        elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous float32 array of shape {shape}")
+        inside = (ir0, ic0, ir1, ic1) == (r0, c0, r0 + h, c0 + w)
+        if not inside:
+            out.fill(0.0)
         valid = np.zeros((h, w), bool)
         if ir1 <= ir0 or ic1 <= ic0:
-            return data, valid
+            return out, valid
         inner = Window(ic0, ir0, ic1 - ic0, ir1 - ir0)
-        part = ds.read(self.bands, window=inner, out_dtype="float32")
+        part = out if inside else np.empty((len(self.bands), ir1 - ir0, ic1 - ic0), np.float32)
+        ds.read(self.bands, window=inner, out=part)
         ok = self._valid(ds, window=inner)
-        finite = np.isfinite(part).all(axis=0)
-        if not finite.all():
-            ok &= finite
-            part = np.where(finite[None], part, 0.0)
-        data[:, ir0 - r0:ir1 - r0, ic0 - c0:ic1 - c0] = part
+        if any(np.issubdtype(np.dtype(ds.dtypes[b - 1]), np.floating) for b in self.bands):
+            finite = np.isfinite(part).all(axis=0)
+            if not finite.all():
+                ok &= finite
+                np.copyto(part, 0.0, where=~finite[None])
+        if not inside:
+            out[:, ir0 - r0:ir1 - r0, ic0 - c0:ic1 - c0] = part
         valid[ir0 - r0:ir1 - r0, ic0 - c0:ic1 - c0] = ok
-        return data, valid
+        return out, valid
+
+    def block_cache_bytes(self, window: int) -> int:
+        """GDAL block cache that the source blocks of two neighbouring windows take.
+
+        Tiled sources need a few tiles; striped ones (blocks as wide as the scene) need every
+        strip of a window's rows, or each window of a row decodes them all again.
+        """
+        ds = self._dataset()
+        sizes = [_blocks_bytes(ds, window)]
+        if self.paths[0] != self.source:  # a VRT: the files' own blocks are cached too
+            with rasterio.open(self.paths[0]) as src:
+                sizes.append(_blocks_bytes(src, window))
+        return max(sizes)
 
     def _valid(self, ds, **kwargs) -> np.ndarray:
         """Valid where any selected band's own mask says so, and the alpha band (if any) too."""
@@ -158,17 +182,50 @@ class Scene:
         return valid
 
     def read_overview(self, max_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-        """A decimated read of the whole scene (from overviews where present) for statistics."""
+        """A decimated read of the whole scene (from overviews where present) for statistics.
+
+        Without overviews, every ``f``-th pixel is taken from one source block (tile or strip)
+        at a time: each block is decoded once, in bounded memory. (GDAL's own decimated read
+        sweeps every block of a block row for each output row, and re-decodes them all
+        whenever a block row is larger than the block cache.)
+        """
         ds = self._dataset()
         scale = max(self.grid.width, self.grid.height) / max_size
         if scale <= 1:
             return self.read(Window(0, 0, self.grid.width, self.grid.height))
-        shape = (max(1, round(self.grid.height / scale)), max(1, round(self.grid.width / scale)))
-        data = ds.read(self.bands, out_shape=(len(self.bands),) + shape, out_dtype="float32",
-                       resampling=Resampling.nearest)
-        valid = self._valid(ds, out_shape=shape)
-        finite = np.isfinite(data).all(axis=0)
-        return np.where(finite[None], data, 0.0), valid & finite
+        if ds.overviews(self.bands[0]):
+            shape = (max(1, round(self.grid.height / scale)), max(1, round(self.grid.width / scale)))
+            data = ds.read(self.bands, out_shape=(len(self.bands),) + shape, out_dtype="float32",
+                           resampling=Resampling.nearest)
+            valid = self._valid(ds, out_shape=shape)
+            finite = np.isfinite(data).all(axis=0)
+            return np.where(finite[None], data, 0.0), valid & finite
+        f = math.ceil(scale)
+        rows = np.arange(f // 2, self.grid.height, f)
+        cols = np.arange(f // 2, self.grid.width, f)
+        data = np.zeros((len(self.bands), len(rows), len(cols)), np.float32)
+        valid = np.zeros((len(rows), len(cols)), bool)
+        bh, bw = ds.block_shapes[self.bands[0] - 1]
+        if bw >= self.grid.width:  # strips: read the sampled rows only
+            spans = [(r, r + 1) for r in rows]
+        else:  # tiles: whole block rows at most 512 pixels high, a block column range at a time
+            step = bh * max(1, 512 // bh)
+            spans = [(r, min(r + step, self.grid.height)) for r in range(0, self.grid.height, step)]
+        col_step = self.grid.width if bw >= self.grid.width else bw * max(1, 512 // bw)
+        for r0, r1 in spans:
+            ri = np.flatnonzero((rows >= r0) & (rows < r1))
+            if not len(ri):
+                continue
+            for c0 in range(0, self.grid.width, col_step):
+                c1 = min(c0 + col_step, self.grid.width)
+                ci = np.flatnonzero((cols >= c0) & (cols < c1))
+                if not len(ci):
+                    continue
+                block, ok = self.read(Window(c0, r0, c1 - c0, r1 - r0))
+                sel = np.ix_(rows[ri] - r0, cols[ci] - c0)
+                data[:, ri[0]:ri[-1] + 1, ci[0]:ci[-1] + 1] = block[(slice(None),) + sel]
+                valid[ri[0]:ri[-1] + 1, ci[0]:ci[-1] + 1] = ok[sel]
+        return data, valid
 
     def to_xarray(self, chunks: int | str = 512):
         """The scene as a lazy dask-backed DataArray (band, y, x) with CRS and transform."""
@@ -183,6 +240,36 @@ class Scene:
 
 
 _HANDLES = threading.local()
+
+
+def _blocks_bytes(ds, window: int) -> int:
+    bh, bw = ds.block_shapes[0]
+    itemsize = max(np.dtype(d).itemsize for d in ds.dtypes)
+    rows = min(ds.height, (math.ceil(window / bh) + 1) * bh)
+    cols = min(ds.width, (math.ceil(window / bw) + 2) * bw)
+    return rows * cols * ds.count * itemsize
+
+
+def _cache_max_bytes(value) -> int | None:
+    """GDAL_CACHEMAX as bytes: GDAL reads numbers below 100000 as megabytes."""
+    try:
+        n = float(value)
+    except (TypeError, ValueError):
+        return None  # "5%" and the like: leave GDAL's choice alone
+    return int(n * 2**20) if n < 100000 else int(n)
+
+
+def ensure_block_cache(nbytes: int) -> None:
+    """Raise GDAL's block cache to ``nbytes`` if it is smaller (never lowers a user's setting).
+
+    geodino keeps the cache small by default (16 MB: a few source tiles are all that windows
+    on one row share, and a cache that fills with a whole scene grows memory with its size).
+    """
+    from rasterio.env import get_gdal_config, set_gdal_config
+
+    current = _cache_max_bytes(get_gdal_config("GDAL_CACHEMAX"))
+    if current is not None and nbytes > current:
+        set_gdal_config("GDAL_CACHEMAX", int(nbytes))
 
 
 # --------------------------------------------------------------------------------------

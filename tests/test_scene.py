@@ -217,3 +217,70 @@ def test_zero_size_scene(tmp_path):
                    '<VRTRasterBand dataType="Byte" band="1"/></VRTDataset>')
     with pytest.raises(InputError, match="zero.vrt: (zero-size|not a raster)"):
         open_scene(vrt)
+
+
+def _copy_as(src_path, dst_path, **layout):
+    with rasterio.open(src_path) as src:
+        profile = src.profile
+        profile.update(layout)
+        with rasterio.open(dst_path, "w", **profile) as dst:
+            dst.write(src.read())
+            dst.write_mask(src.dataset_mask())
+
+
+@pytest.mark.parametrize("layout", [dict(tiled=True, blockxsize=128, blockysize=64),
+                                    dict(tiled=False, blockysize=3)])
+def test_overview_read_samples_every_fth_pixel_block_by_block(collar_scene, tmp_path, layout):
+    path = tmp_path / "copy.tif"
+    _copy_as(collar_scene.scene, path, **layout)
+    scene = open_scene(path)
+    data, valid = scene.read_overview(200)  # 800 x 700 -> every 4th pixel
+    full, full_valid = _whole(scene)
+    np.testing.assert_array_equal(data, full[:, 2::4, 2::4])
+    np.testing.assert_array_equal(valid, full_valid[2::4, 2::4])
+    assert 0.3 < valid.mean() < 0.95  # the collar is there
+
+
+def test_read_into_a_buffer_and_bad_buffers(small_scene):
+    scene = open_scene(small_scene.scene)
+    window = rasterio.windows.Window(32, 16, 64, 48)
+    ref, ref_valid = scene.read(window)
+    buf = np.full((scene.count, 48, 64), 7.0, np.float32)
+    out, valid = scene.read(window, out=buf)
+    assert out is buf
+    np.testing.assert_array_equal(buf, ref)
+    np.testing.assert_array_equal(valid, ref_valid)
+    # past the edge: the outside is zero in the buffer too
+    edge = rasterio.windows.Window(scene.grid.width - 16, 0, 64, 48)
+    buf = np.full((scene.count, 48, 64), 7.0, np.float32)
+    scene.read(edge, out=buf)
+    assert (buf[:, :, 16:] == 0).all() and (buf[:, :, :16] != 7).all()
+    with pytest.raises(ValueError, match="float32"):
+        scene.read(window, out=np.zeros((scene.count, 48, 64), np.float64))
+
+
+def test_block_cache_covers_a_window_row_of_strips(tmp_path, small_scene):
+    from rasterio.env import get_gdal_config, set_gdal_config
+
+    from geodino.scene import _cache_max_bytes, ensure_block_cache
+
+    tiled_path = tmp_path / "tiled.tif"
+    _copy_as(small_scene.scene, tiled_path, tiled=True, blockxsize=64, blockysize=64)
+    tiled = open_scene(tiled_path)
+    striped_path = tmp_path / "striped.tif"
+    _copy_as(small_scene.scene, striped_path, tiled=False, blockysize=8)
+    striped = open_scene(striped_path)
+    w, b = 640, 4 * 2  # width; 4 uint16 bands
+    # tiles: the 3 x 4 tiles that two neighbouring 128-pixel windows can touch
+    assert tiled.block_cache_bytes(128) == 3 * 64 * 4 * 64 * b
+    # strips: every strip of a window's rows, the whole width
+    assert striped.block_cache_bytes(128) == (128 // 8 + 1) * 8 * w * b
+    before = get_gdal_config("GDAL_CACHEMAX")
+    try:
+        ensure_block_cache(_cache_max_bytes(before) + 2**20)
+        assert _cache_max_bytes(get_gdal_config("GDAL_CACHEMAX")) == _cache_max_bytes(before) + 2**20
+        ensure_block_cache(1)  # never lowered
+        assert _cache_max_bytes(get_gdal_config("GDAL_CACHEMAX")) == _cache_max_bytes(before) + 2**20
+    finally:
+        set_gdal_config("GDAL_CACHEMAX", _cache_max_bytes(before))
+    assert _cache_max_bytes("16") == 16 * 2**20 and _cache_max_bytes("5%") is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import uuid
 from pathlib import Path
@@ -130,7 +131,7 @@ class RasterOutput:
         self.classes = classes
         self.overview_resampling = overview_resampling
 
-    def creation_profile(self, compress: str) -> dict:
+    def creation_profile(self, compress: str, block: int = COG_BLOCK) -> dict:
         if self.grid is not None:
             crs, transform = self.grid.crs, self.grid.transform
         else:
@@ -138,8 +139,19 @@ class RasterOutput:
         count, height, width = self.data.shape
         predictor = 3 if self.dtype.startswith("float") else 2
         return dict(driver="GTiff", width=width, height=height, count=count, dtype=self.dtype, crs=crs,
-                    transform=transform, nodata=self.nodata, tiled=True, blockxsize=COG_BLOCK,
-                    blockysize=COG_BLOCK, compress=compress, predictor=predictor, BIGTIFF="IF_SAFER")
+                    transform=transform, nodata=self.nodata, tiled=True, blockxsize=block,
+                    blockysize=block, compress=compress, predictor=predictor, BIGTIFF="IF_SAFER")
+
+
+def stream_tile_size(chunks) -> int:
+    """Tile size of the intermediate GeoTIFF that blocks stream into: the largest power of two
+    up to 512 dividing every block boundary, so each block write completes whole tiles and
+    GDAL never holds a half-written tile (a row of those is as wide as the scene)."""
+    bounds = [b for axis in chunks[-2:] for b in itertools.accumulate(axis[:-1])]
+    for size in (512, 256, 128, 64, 32, 16):
+        if all(b % size == 0 for b in bounds):
+            return size
+    return COG_BLOCK
 
 
 def _describe(dst, out: RasterOutput) -> None:
@@ -193,8 +205,8 @@ def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compr
             staged.append((out, stream_tmp, final_tmp))
         with contextlib.ExitStack() as open_files:
             for out, stream_tmp, _ in staged:
-                dst = open_files.enter_context(
-                    rasterio.open(stream_tmp, "w", **out.creation_profile(intermediate_compress)))
+                profile = out.creation_profile(intermediate_compress, stream_tile_size(out.data.chunks))
+                dst = open_files.enter_context(rasterio.open(stream_tmp, "w", **profile))
                 _describe(dst, out)
                 datasets.append(dst)
             sources = [o.data.data.astype(o.dtype) if o.data.dtype != o.dtype else o.data.data for o in outputs]

@@ -25,7 +25,7 @@ import xarray as xr
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-from geodino.scene import Grid
+from geodino.scene import Grid, ensure_block_cache
 from geodino.tiling import Tile, blend_weights, read_tile
 
 
@@ -40,7 +40,7 @@ class OutputSpec:
 
 @dataclass
 class WindowResult:
-    """One window's weighted prediction, cropped to the output grid.
+    """One window's weighted prediction, cropped to the output grid (or to what is still needed).
 
     At full resolution only the validity mask is kept (a quarter of the bytes of float
     weights) and the weights are rebuilt from the cached taper when a block needs them.
@@ -53,14 +53,70 @@ class WindowResult:
     mask: np.ndarray | None  # (h, w) bool validity (full resolution)
     coarse_weight: np.ndarray | None  # (h, w) float32 weights (coarsened outputs)
     shape: tuple[int, int, int] = (0, 0, 0)  # scene height, width and overlap
+    offset: tuple[int, int] = (0, 0)  # where ``values`` starts inside the window
 
     @property
     def weight(self) -> np.ndarray:
+        h, w = self.values.shape[-2:]
+        return self.weight_at(slice(0, h), slice(0, w))
+
+    def weight_at(self, rows: slice, cols: slice) -> np.ndarray:
+        """Blend weights of ``values[:, rows, cols]`` (slices with explicit start and stop)."""
         if self.coarse_weight is not None:
-            return self.coarse_weight
-        h, w = self.mask.shape
+            return self.coarse_weight[rows, cols]
         height, width, overlap = self.shape
-        return blend_weights(self.tile, height, width, overlap)[:h, :w] * self.mask
+        r, c = self.offset
+        taper = blend_weights(self.tile, height, width, overlap)
+        return taper[r + rows.start:r + rows.stop, c + cols.start:c + cols.stop] * self.mask[rows, cols]
+
+    def bounds(self) -> tuple[int, int, int, int]:
+        h, w = self.values.shape[-2:]
+        return self.row, self.row + h, self.col, self.col + w
+
+    def crop(self, r0: int, r1: int, c0: int, c1: int) -> WindowResult:
+        """The part inside output rows [r0, r1) and columns [c0, c1), copied so the rest is freed."""
+        if (r0, r1, c0, c1) == self.bounds():
+            return self
+        rows = slice(r0 - self.row, r1 - self.row)
+        cols = slice(c0 - self.col, c1 - self.col)
+
+        def part(a):
+            return None if a is None else np.ascontiguousarray(a[..., rows, cols])
+
+        return WindowResult(self.tile, r0, c0, part(self.values), part(self.mask), part(self.coarse_weight),
+                            self.shape, (self.offset[0] + rows.start, self.offset[1] + cols.start))
+
+
+class BatchResult(dict):
+    """One batch's results: output name -> [WindowResult], plus each output's grid shape.
+
+    :meth:`trimmed` keeps only what the blocks still to be computed can use, so results held
+    between rows of blocks shrink to the overlap they share with the next row.
+    """
+
+    grids: dict[str, tuple[int, int]]
+
+    def trimmed(self, needed: Sequence[tuple[tuple[int, int], tuple[slice, slice]]]) -> BatchResult:
+        """Crop to the blocks in ``needed``: (output (height, width), (row slice, col slice)) each."""
+        rects: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
+        for shape, (rows, cols) in needed:
+            rects.setdefault(tuple(shape), []).append((rows.start, rows.stop, cols.start, cols.stop))
+        if not set(rects) <= set(self.grids.values()):
+            return self  # a consumer on some other grid: keep everything
+        out = BatchResult()
+        out.grids = self.grids
+        for name, results in self.items():
+            kept = []
+            for res in results:
+                r0, r1, c0, c1 = res.bounds()
+                hits = [(max(r0, a), min(r1, b), max(c0, c), min(c1, d))
+                        for a, b, c, d in rects.get(self.grids[name], ())]
+                hits = [h for h in hits if h[0] < h[1] and h[2] < h[3]]
+                if hits:
+                    kept.append(res.crop(min(h[0] for h in hits), max(h[1] for h in hits),
+                                         min(h[2] for h in hits), max(h[3] for h in hits)))
+            out[name] = kept
+        return out
 
 
 Predictor = Callable[[np.ndarray], Mapping[str, np.ndarray]]
@@ -74,21 +130,23 @@ def _coarsen_weight(w: np.ndarray, s: int) -> np.ndarray:
 
 
 def run_batch(scene, normalise, tiles: Sequence[Tile], predictor: Predictor, outputs: Mapping[str, OutputSpec],
-              overlap: int, on_done: Callable[[int], None] | None = None) -> dict[str, list[WindowResult]]:
+              overlap: int, on_done: Callable[[int], None] | None = None) -> BatchResult:
     """Read, infer and weight one batch of windows; windows without valid pixels are skipped."""
     h, w = scene.grid.height, scene.grid.width
-    kept, xs, weights, valids = [], [], [], []
+    kept, weights, valids = [], [], []
+    size = tiles[0].size if tiles else 0
+    inputs = np.empty((len(tiles), scene.count, size, size), np.float32)  # windows read straight into it
     for tile in tiles:
-        x, valid = read_tile(scene, normalise, tile)
+        _, valid = read_tile(scene, normalise, tile, out=inputs[len(kept)])
         if not valid.any():
-            continue
+            continue  # the slot is reused by the next window
         kept.append(tile)
-        xs.append(x)
         valids.append(valid)
         weights.append(blend_weights(tile, h, w, overlap, valid))
-    results: dict[str, list[WindowResult]] = {name: [] for name in outputs}
+    results = BatchResult({name: [] for name in outputs})
+    results.grids = {name: (math.ceil(h / spec.scale), math.ceil(w / spec.scale)) for name, spec in outputs.items()}
     if kept:
-        preds = predictor(np.stack(xs))
+        preds = predictor(inputs[:len(kept)])
         for name, spec in outputs.items():
             s = spec.scale
             oh, ow = math.ceil(h / s), math.ceil(w / s)
@@ -115,35 +173,40 @@ def assemble_block(name: str, channels: int, r0: int, r1: int, c0: int, c1: int,
     wsum = np.zeros((r1 - r0, c1 - c0), np.float32)
     contributions = sorted((res for b in batches for res in b[name]), key=lambda res: res.tile.index)
     for res in contributions:
-        h, w = res.values.shape[-2:]
-        ir0, ir1 = max(r0, res.row), min(r1, res.row + h)
-        ic0, ic1 = max(c0, res.col), min(c1, res.col + w)
+        rr0, rr1, rc0, rc1 = res.bounds()
+        ir0, ir1 = max(r0, rr0), min(r1, rr1)
+        ic0, ic1 = max(c0, rc0), min(c1, rc1)
         if ir1 <= ir0 or ic1 <= ic0:
             continue
         src = (slice(ir0 - res.row, ir1 - res.row), slice(ic0 - res.col, ic1 - res.col))
         dst = (slice(ir0 - r0, ir1 - r0), slice(ic0 - c0, ic1 - c0))
         acc[(slice(None),) + dst] += res.values[(slice(None),) + src]
-        wsum[dst] += res.weight[src]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = acc / wsum[None]
-    out[:, wsum <= 0] = np.nan
-    return out
+        wsum[dst] += res.weight_at(*src)
+    covered = wsum > 0
+    np.divide(acc, wsum, out=acc, where=covered)
+    acc[:, ~covered] = np.nan
+    return acc
 
 
 def _batches(tiles: Sequence[Tile], batch_size: int) -> list[list[Tile]]:
-    """Consecutive windows, never spanning two rows of windows: a batch that did would be
-    needed by blocks a whole row apart and held in memory in between."""
-    out: list[list[Tile]] = []
-    for tile in tiles:
-        if out and len(out[-1]) < batch_size and out[-1][-1].row == tile.row:
-            out[-1].append(tile)
-        else:
-            out.append([tile])
-    return out
+    """Consecutive windows, ``batch_size`` at a time (full batches also across rows of windows:
+    what a later row of blocks needs from a batch is cropped to the overlap strip, so a batch
+    that spans two rows holds little)."""
+    return [list(tiles[i:i + batch_size]) for i in range(0, len(tiles), batch_size)]
 
 
 def _chunks(n: int, size: int) -> tuple[int, ...]:
     return tuple(min(size, n - i) for i in range(0, n, size))
+
+
+def block_size(chunks: int, window: int, overlap: int) -> int:
+    """Full-resolution block size: ``chunks`` rounded down to whole window strides.
+
+    Blocks then start where windows start, so a window reaches only ``overlap`` pixels into
+    the next row (and column) of blocks: that strip is all that is held between rows.
+    """
+    stride = window - overlap
+    return chunks // stride * stride if chunks >= stride else chunks
 
 
 class _Counter:
@@ -169,6 +232,8 @@ def stitch(scene, normalise, tiles: Sequence[Tile], predictor: Predictor, output
 
     Returns one dask-backed DataArray (channel, y, x) per output, float32, NaN where no valid
     input contributes, with CRS and transform attached. Nothing runs until blocks are computed.
+    Full-resolution blocks are ``chunks`` rounded down to whole window strides (see
+    :func:`block_size`); coarsened outputs (e.g. embeddings) use ``chunks // scale``.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -179,13 +244,15 @@ def stitch(scene, normalise, tiles: Sequence[Tile], predictor: Predictor, output
     batch_name = f"geodino-batch-{token}"
     counter = _Counter(progress)
     batches = _batches(tiles, batch_size)
+    window = max((t.size for t in tiles), default=chunks)
+    ensure_block_cache(scene.block_cache_bytes(window))
     batch_layer = {(batch_name, i): (run_batch, scene, normalise, b, predictor, dict(outputs), overlap, counter)
                    for i, b in enumerate(batches)}
     results = {}
     for name, spec in outputs.items():
         s = spec.scale
         oh, ow = math.ceil(grid.height / s), math.ceil(grid.width / s)
-        csize = max(1, chunks // s)
+        csize = block_size(chunks, window, overlap) if s == 1 else max(1, chunks // s)
         rchunks, cchunks = _chunks(oh, csize), _chunks(ow, csize)
         out_name = f"geodino-{name}-{token}"
         layer = {}

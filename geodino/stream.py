@@ -3,11 +3,13 @@
 Handing a whole stitched scene to ``dask.compute`` lets the scheduler run window batches in
 any order and keep their results until every block that needs them is done, so memory grows
 with the scene (2.5 GB at 8192^2 for a cheap stitch). Here the graph is executed in waves of
-a few output blocks in row-major order, through the active scheduler (threads, or a
-dask.distributed client). Window-batch results that later waves still need are kept between
-waves and passed back in as data, so each window is still inferred exactly once; everything
-else is dropped as soon as its blocks are written. What stays held grows with the scene's
-width, not its area (see BENCHMARKS.md for measured figures).
+a few output blocks, in the order in which their windows are inferred (row-major), through
+the active scheduler (threads, or a dask.distributed client). Window-batch results that
+later waves still need are kept between waves, cropped to the part those waves use, and
+passed back in as data, so each window is still inferred exactly once. With blocks that
+start where windows start (:func:`geodino.stitch.block_size`), what is held between rows of
+blocks is the window overlap strip across the scene's width; everything else is dropped as
+soon as its blocks are written (see BENCHMARKS.md for measured figures).
 """
 
 from __future__ import annotations
@@ -53,45 +55,79 @@ def _get():
     return threaded_get
 
 
-def stream_blocks(arrays: Sequence, blocks_per_wave: int | None = None
-                  ) -> Iterator[tuple[int, tuple[slice, slice], object]]:
-    """Yield (array index, (row slice, col slice), block) for (band, y, x) dask arrays.
+def _malloc_trim():
+    import ctypes
+    import sys
 
-    Blocks are computed in row-major order, ``blocks_per_wave`` block positions at a time
-    (the same position of every array together, since they share window batches).
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Hand memory freed inside the malloc heap back to the system (glibc's malloc_trim).
+
+    Window buffers freed between long-lived allocations (GDAL's block cache, results kept
+    for the next row) leave holes that glibc keeps resident; trimming after every wave keeps
+    resident memory at what is in use. Costs well under a millisecond.
     """
-    graph = dict(HighLevelGraph.merge(*[a.__dask_graph__() for a in arrays]))
-    if blocks_per_wave is None:
-        blocks_per_wave = max(4, int(dask.config.get("num_workers", None) or 2))
-    positions: dict[tuple[int, int], list] = {}
+    if _TRIM is not None:
+        _TRIM(0)
+
+
+def _plan(graph: dict, arrays: Sequence, blocks_per_wave: int):
+    """Waves of blocks in the order their window batches complete, and each batch's users."""
+    blocks = []  # (sort key, dask key, (array index, slices), output grid shape, batch keys)
     for i, a in enumerate(arrays):
-        if len(a.chunks[0]) != 1:
-            raise ValueError("stream_blocks takes arrays with a single chunk along bands")
+        if a.ndim != 3 or len(a.chunks[0]) != 1:
+            raise ValueError("stream_blocks takes (band, y, x) arrays with a single chunk along bands")
         y0 = 0
         for r, height in enumerate(a.chunks[1]):
             x0 = 0
             for c, width in enumerate(a.chunks[2]):
-                positions.setdefault((r, c), []).append(
-                    ((a.name, 0, r, c), (i, (slice(y0, y0 + height), slice(x0, x0 + width)))))
+                key = (a.name, 0, r, c)
+                slices = (slice(y0, y0 + height), slice(x0, x0 + width))
+                batches = {k for k in cull(graph, [key])[0] if _is_batch(k)}
+                last = max((k[1] for k in batches), default=-1)
+                blocks.append(((last, y0, x0, i), key, (i, slices), a.shape[1:], batches))
                 x0 += width
             y0 += height
-    order = sorted(positions)
-    waves = []
-    for start in range(0, len(order), blocks_per_wave):
-        entries = [e for pos in order[start:start + blocks_per_wave] for e in positions[pos]]
-        keys = [k for k, _ in entries]
-        culled, _ = cull(graph, keys)
-        waves.append((keys, [p for _, p in entries], {k for k in culled if _is_batch(k)}))
-    # the last wave that needs each batch: results are kept until then, and no longer
-    last_use: dict = {}
-    for w, (_, _, batches) in enumerate(waves):
-        for k in batches:
-            last_use[k] = w
+    blocks.sort(key=lambda b: b[0])
+    waves, uses = [], {}
+    for w, start in enumerate(range(0, len(blocks), blocks_per_wave)):
+        members = blocks[start:start + blocks_per_wave]
+        batches = set().union(*(b[4] for b in members))
+        waves.append(([b[1] for b in members], [b[2] for b in members], batches))
+        for _, _, (_, slices), shape, deps in members:
+            for k in deps:
+                uses.setdefault(k, []).append((w, shape, slices))
+    return waves, uses
+
+
+def stream_blocks(arrays: Sequence, blocks_per_wave: int | None = None
+                  ) -> Iterator[tuple[int, tuple[slice, slice], object]]:
+    """Yield (array index, (row slice, col slice), block) for (band, y, x) dask arrays.
+
+    Blocks are computed ``blocks_per_wave`` at a time, ordered by the last window batch they
+    need (so row-major on the window grid; blocks of several arrays that share batches go
+    together). While the caller consumes one wave, the next one computes in the background.
+    """
+    graph = dict(HighLevelGraph.merge(*[a.__dask_graph__() for a in arrays]))
+    if blocks_per_wave is None:
+        blocks_per_wave = max(4, int(dask.config.get("num_workers", None) or 2))
+    waves, uses = _plan(graph, arrays, blocks_per_wave)
+    last_use = {k: max(w for w, _, _ in u) for k, u in uses.items()}
     get = _get()
 
     def compute(w: int, cache: dict):
-        keys, places, batches = waves[w]
-        keep = sorted((k for k in batches if last_use[k] > w), key=str)
+        keys, _, batches = waves[w]
+        keep = sorted((k for k in batches if last_use[k] > w and k not in cache), key=str)
         culled, _ = cull(graph, keys + keep)
         for k in batches:
             if k in cache:
@@ -99,6 +135,11 @@ def stream_blocks(arrays: Sequence, blocks_per_wave: int | None = None
         results = get(culled, keys + keep)
         cache = {k: v for k, v in cache.items() if last_use[k] > w}
         cache.update(zip(keep, results[len(keys):]))
+        for k, v in cache.items():
+            trim = getattr(v, "trimmed", None)
+            if trim is not None:
+                cache[k] = trim([(shape, slices) for u, shape, slices in uses[k] if u > w])
+        release_free_memory()
         return results[:len(keys)], cache
 
     # While the caller writes one wave's blocks, the next wave computes in the background.

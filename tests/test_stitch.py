@@ -188,3 +188,66 @@ def test_realdata_rgb_byte_nodata_exactly_outside_footprint(tiny_models, tmp_pat
         np.testing.assert_array_equal(d.read(1) == 0, ~valid)
     with rasterio.open(tmp_path / "canopy_height.tif") as d:
         np.testing.assert_array_equal(np.isnan(d.read(1)), ~valid)
+
+
+class _BandMean:
+    token = "band-mean"
+
+    def __call__(self, x):
+        return {"value": x.mean(axis=1, keepdims=True), "patch": x[:, :1, ::16, ::16].copy()}
+
+
+def test_blocks_start_where_windows_start_and_only_the_overlap_is_held(small_scene, monkeypatch):
+    """Between rows of blocks only the overlap strip of the row above is kept (DESIGN 7)."""
+    import geodino.stream as stream
+    from geodino.stitch import block_size
+    from geodino.stream import stream_blocks
+
+    scene, norm = prepare(open_scene(small_scene.scene), "reflectance", "sat")
+    assert block_size(256, 128, 32) == 192 and block_size(64, 128, 32) == 64
+    out = stitch(scene, norm, window_grid(576, 640, WindowSpec(128, 32)), _BandMean(),
+                 {"value": OutputSpec(1), "patch": OutputSpec(1, 16)}, overlap=32, batch_size=4, chunks=200)
+    value = out["value"].data
+    assert value.chunks[1] == (192, 192, 192) and value.chunks[2] == (192, 192, 192, 64)
+    assert out["patch"].data.chunks[1] == (12, 12, 12)  # coarse outputs: chunks // scale
+    held = []  # (first row of the blocks computed, rows of each window result passed in as data)
+    real_as_data = stream._as_data
+
+    def as_data(key, value):
+        held.append([(name, res.tile.row, res.row, res.values.shape[-2])
+                     for name, results in value.items() for res in results])
+        return real_as_data(key, value)
+
+    monkeypatch.setattr(stream, "_as_data", as_data)
+    blocks = {}
+    for index, (rows, cols), block in stream_blocks([value]):
+        blocks[(rows.start, cols.start)] = block
+    with dask.config.set(scheduler="threads"):
+        ref = value.compute()
+    for (r, c), block in blocks.items():
+        np.testing.assert_array_equal(block, ref[:, r:r + block.shape[1], c:c + block.shape[2]])
+    # every held result from a row of windows above is its 32-pixel overlap strip (or less)
+    strips = [(start, rows) for results in held for name, tile_row, start, rows in results
+              if name == "value" and tile_row < start]
+    assert strips and all(start % 192 == 0 and rows <= 32 for start, rows in strips), strips
+    assert all(not [r for r in results if r[0] == "patch"] for results in held)  # unused output: dropped
+
+
+def test_intermediate_tiles_divide_block_boundaries():
+    from geodino.export import stream_tile_size
+
+    assert stream_tile_size(((1,), (448, 448, 448, 100), (448, 448, 200))) == 64
+    assert stream_tile_size(((1,), (512, 512, 10), (512, 3))) == 512
+    assert stream_tile_size(((1,), (96, 96, 5), (96, 7))) == 32
+    assert stream_tile_size(((1,), (200, 200, 5), (200,))) == 512  # no power of two >= 16 fits: GDAL's cache copes
+
+
+def test_normalising_in_place_gives_the_same_bits(small_scene):
+    scene, norm = prepare(open_scene(small_scene.scene), "reflectance", "sat")
+    raw, valid = scene.read(rasterio.windows.Window(0, 0, 64, 64))
+    copy = norm(raw, valid)
+    inplace = norm(raw.copy(), valid, inplace=True)
+    np.testing.assert_array_equal(copy, inplace)
+    assert copy.dtype == np.float32 and raw.dtype == np.float32
+    ints = norm(raw.astype(np.uint16))  # integer input: a new float32 array
+    assert ints.dtype == np.float32

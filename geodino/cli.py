@@ -97,7 +97,7 @@ def run(
     target_gsd: Optional[float] = typer.Option(None, help="Resample to this pixel size in metres (e.g. 0.6 for SAT)"),
     polygons: Optional[bool] = typer.Option(None, "--polygons/--no-polygons", help="Write land-cover polygons"),
     min_polygon_area: Optional[float] = typer.Option(None, help="Drop polygons smaller than this (m²)"),
-    chunks: Optional[int] = typer.Option(None, help="Output block size in pixels (memory/parallelism only)"),
+    chunks: Optional[int] = typer.Option(None, help="Output block size in pixels, rounded down to whole window strides (memory/parallelism only)"),
     workers: Optional[int] = typer.Option(None, help="Threads for reading, blending and writing"),
     overwrite: bool = typer.Option(False, help="Recompute and replace finished outputs"),
 ) -> None:

@@ -234,6 +234,8 @@ def stitch(scene, normalise, tiles: Sequence[Tile], predictor: Predictor, output
     input contributes, with CRS and transform attached. Nothing runs until blocks are computed.
     Full-resolution blocks are ``chunks`` rounded down to whole window strides (see
     :func:`block_size`); coarsened outputs (e.g. embeddings) use ``chunks // scale``.
+    Raises GDAL's block cache if the source needs more than it holds (striped files:
+    :func:`geodino.scene.ensure_block_cache`).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")

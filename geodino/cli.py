@@ -102,7 +102,8 @@ def run(
     overwrite: bool = typer.Option(False, help="Recompute and replace finished outputs"),
 ) -> None:
     """Map canopy height and land cover (and embeddings) for one or many scenes."""
-    from geodino.pipeline import RunOptions, load_pipeline, run_scenes
+    from geodino.options import RunOptions, load_pipeline
+    from geodino.runner import run_scenes
 
     options = load_pipeline(pipeline) if pipeline else RunOptions()
     overrides = dict(backbone=backbone, canopy_head=canopy_head, landcover_head=landcover_head,

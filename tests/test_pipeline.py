@@ -140,7 +140,7 @@ def test_local_cluster_gives_the_same_bytes(two_scenes, tmp_path):
 
 
 def test_killed_run_resumes_without_redoing_finished_scenes(two_scenes, tmp_path, monkeypatch):
-    import geodino.pipeline as pipeline
+    import geodino.runner as pipeline  # the runner calls write_scene
 
     real = pipeline.write_scene
     calls = []

@@ -14,6 +14,7 @@ from rasterio.windows import Window
 
 from geodino.classes import ClassTable
 from geodino.errors import OutputExistsError
+from geodino.timing import stage
 
 
 def partial_path(final: Path) -> Path:
@@ -212,9 +213,11 @@ def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compr
             sources = [o.data.data.astype(o.dtype) if o.data.dtype != o.dtype else o.data.data for o in outputs]
             for index, (rows, cols), block in stream_blocks(sources):
                 window = Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
-                datasets[index].write(block, window=window)
+                with stage("write"):
+                    datasets[index].write(block, window=window)
         for out, stream_tmp, final_tmp in staged:
-            to_cog(stream_tmp, final_tmp, resampling=out.overview_resampling, compress=compress)
+            with stage("cog"):
+                to_cog(stream_tmp, final_tmp, resampling=out.overview_resampling, compress=compress)
     return [o.path for o in outputs]
 
 

@@ -32,6 +32,7 @@ from geodino.scene import open_scene, require_valid_pixels
 from geodino.sensor import prepare
 from geodino.stitch import stitch
 from geodino.tiling import WindowSpec, window_grid
+from geodino.timing import stage
 
 
 @dataclass
@@ -110,6 +111,11 @@ def build_run(scene_paths, options: RunOptions, progress=None) -> SceneRun:
 
 
 def _argmax_codes(probs: np.ndarray, codes: np.ndarray, nodata: int) -> np.ndarray:
+    with stage("argmax"):
+        return _argmax(probs, codes, nodata)
+
+
+def _argmax(probs, codes, nodata):
     invalid = np.isnan(probs[0])
     out = codes[np.argmax(np.nan_to_num(probs, nan=-1.0), axis=0)]
     out[invalid] = nodata
@@ -183,10 +189,12 @@ def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, 
     elapsed = time.perf_counter() - start
     outputs = {r.path.stem: str(r.path.name) for r in rasters}
     if "landcover" in ds and o.polygons:
-        polygonize(out / "landcover.tif", out / "landcover.gpkg", run.classes,
-                   min_area=o.min_polygon_area, overwrite=overwrite)
+        with stage("polygons"):
+            polygonize(out / "landcover.tif", out / "landcover.gpkg", run.classes,
+                       min_area=o.min_polygon_area, overwrite=overwrite)
         outputs["landcover_polygons"] = "landcover.gpkg"
-    report = make_report(run, out, elapsed, outputs)
+    with stage("report"):
+        report = make_report(run, out, elapsed, outputs)
     with atomic_path(out / REPORT) as tmp:
         tmp.write_text(json.dumps(report, indent=2))
     return report

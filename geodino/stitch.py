@@ -27,6 +27,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from geodino.scene import Grid, ensure_block_cache
 from geodino.tiling import Tile, blend_weights, read_tile
+from geodino.timing import stage
 
 
 @dataclass(frozen=True)
@@ -142,11 +143,22 @@ def run_batch(scene, normalise, tiles: Sequence[Tile], predictor: Predictor, out
             continue  # the slot is reused by the next window
         kept.append(tile)
         valids.append(valid)
-        weights.append(blend_weights(tile, h, w, overlap, valid))
+        with stage("weight"):
+            weights.append(blend_weights(tile, h, w, overlap, valid))
     results = BatchResult({name: [] for name in outputs})
     results.grids = {name: (math.ceil(h / spec.scale), math.ceil(w / spec.scale)) for name, spec in outputs.items()}
     if kept:
-        preds = predictor(inputs[:len(kept)])
+        with stage("model"):
+            preds = predictor(inputs[:len(kept)])
+        with stage("weight"):
+            _weigh(results, preds, kept, weights, valids, outputs, h, w, overlap)
+    if on_done is not None:
+        on_done(len(tiles))
+    return results
+
+
+def _weigh(results, preds, kept, weights, valids, outputs, h, w, overlap) -> None:
+    if True:
         for name, spec in outputs.items():
             s = spec.scale
             oh, ow = math.ceil(h / s), math.ceil(w / s)
@@ -162,13 +174,15 @@ def run_batch(scene, normalise, tiles: Sequence[Tile], predictor: Predictor, out
                     results[name].append(WindowResult(tile, r0, c0, vals, mask, None, (h, w, overlap)))
                 else:
                     results[name].append(WindowResult(tile, r0, c0, vals, None, wt))
-    if on_done is not None:
-        on_done(len(tiles))
-    return results
 
 
 def assemble_block(name: str, channels: int, r0: int, r1: int, c0: int, c1: int, *batches) -> np.ndarray:
     """Sum the weighted contributions to block [r0:r1, c0:c1] in window order and normalise."""
+    with stage("blend"):
+        return _assemble(name, channels, r0, r1, c0, c1, batches)
+
+
+def _assemble(name, channels, r0, r1, c0, c1, batches):
     acc = np.zeros((channels, r1 - r0, c1 - c0), np.float32)
     wsum = np.zeros((r1 - r0, c1 - c0), np.float32)
     contributions = sorted((res for b in batches for res in b[name]), key=lambda res: res.tile.index)

@@ -8,6 +8,7 @@ scheduler's other threads read, normalise, blend and write around it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
@@ -47,8 +48,9 @@ class ModelBundle:
     family: str | None = None
     layers: tuple[int, ...] | None = None
 
-    @property
+    @functools.cached_property
     def token(self) -> str:
+        """Identifies the models by their options and files (size, mtime); computed once."""
         parts = [repr(self)] + [_stamp(p) for p in (self.backbone, self.canopy_head, self.landcover_head,
                                                     self.canopy_model)]
         return hashlib.sha1("|".join(parts).encode()).hexdigest()
@@ -86,7 +88,8 @@ class ModelBundle:
             out["canopy_height"] = OutputSpec(1, 1, ("canopy height",))
         if "landcover" in heads:
             classes = heads["landcover"].classes
-            out["landcover"] = OutputSpec(len(classes), 1, tuple(classes.names))
+            scale = _landcover_scale(backbone)
+            out["landcover"] = OutputSpec(len(classes), scale, tuple(classes.names), upsample=scale > 1)
         if self.embeddings:
             d = backbone.embed_dim
             out["embeddings"] = OutputSpec(d, backbone.patch_size, tuple(f"embedding {i}" for i in range(d)))
@@ -118,11 +121,26 @@ class ModelBundle:
                 elif chm is not None:
                     result["canopy_height"] = run_chmv2(chm, x.to(backbone.device), size)
                 if "landcover" in heads:
-                    logits = heads["landcover"](feats.layers, size).float()
-                    result["landcover"] = torch.softmax(logits, dim=1)
+                    if want["landcover"].upsample:  # blended on the patch grid, upsampled per block
+                        result["landcover"] = heads["landcover"].patch_logits(feats.layers).float()
+                    else:
+                        result["landcover"] = heads["landcover"](feats.layers, size).float()
             if "embeddings" in want:
                 result["embeddings"] = feats.patches
             return {k: v.float().cpu().numpy() for k, v in result.items()}
+
+
+def _landcover_scale(backbone) -> int:
+    """Grid of land-cover logits: the patch grid (16) where windows start on it, else pixels (1).
+
+    Land-cover heads are linear on the patch grid, so their logits are blended there and
+    upsampled once per output block (:class:`geodino.stitch.OutputSpec`); upsampling every
+    window's logits to full resolution first made and moved 16^2 times more data. A backbone
+    whose output stride is not the window grid's (ConvNeXt, 32) is upsampled per window.
+    """
+    from geodino.tiling import PATCH
+
+    return PATCH if backbone.patch_size == PATCH else 1
 
 
 def load_chmv2(name: str, device):

@@ -11,6 +11,7 @@ written on.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -100,10 +101,15 @@ class Scene:
 
     # -- reading ------------------------------------------------------------------
 
+    @functools.cached_property
+    def _handle_key(self) -> tuple:
+        # hashing the grid hashes its CRS through WKT: once per scene, not once per window read
+        return self.source, self.grid.crs.to_wkt(), self.grid.transform, self.grid.shape, self.resampling
+
     def _dataset(self):
         """A rasterio dataset for this thread (rasterio handles are not thread-safe)."""
         cache = _HANDLES.__dict__.setdefault("datasets", {})
-        key = (self.source, self.grid, self.resampling)
+        key = self._handle_key
         ds = cache.get(key)
         if ds is None or ds.closed:
             src = rasterio.open(self.source)

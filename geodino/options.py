@@ -34,7 +34,8 @@ class RunOptions:
     polygons: bool = True
     min_polygon_area: float = 0.0
     scheduler: str = "threads"  # threads | local | tcp://host:port
-    workers: int = 4
+    workers: int = 0  # threads per process for reading, blending and writing; 0: one per CPU core
+    processes: int = 1  # worker processes with scheduler: local
     compress: str = "DEFLATE"
     layers: list | None = None  # backbone blocks the heads read (default: the backbone's usual four)
 
@@ -54,6 +55,8 @@ class RunOptions:
         WindowSpec(self.window, self.overlap)
         if self.batch_size < 0:
             raise ConfigError("batch_size must be at least 1 (or 0 to choose it from free GPU memory)")
+        if self.workers < 0 or self.processes < 1:
+            raise ConfigError("workers must be 0 (one per CPU core) or more, and processes at least 1")
         if self.chunks < 16:
             raise ConfigError("chunks must be at least 16 pixels")
         if self.embeddings_dtype not in ("float16", "float32"):

@@ -9,7 +9,9 @@ Options live in :mod:`geodino.options`, the report in :mod:`geodino.report`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +25,11 @@ import xarray as xr
 import geodino
 from geodino.classes import ClassTable
 from geodino.errors import ConfigError
-from geodino.export import RasterOutput, atomic_path, polygonize, write_rasters
+from geodino.export import RasterOutput, atomic_path, check_writable, polygonize, write_rasters
 from geodino.options import RunOptions, load_pipeline
 from geodino.predict import ModelBundle, auto_batch_size
 from geodino.progress import Progress
-from geodino.report import REPORT, make_report
+from geodino.report import REPORT, ClassCounts, HeightStats, make_report
 from geodino.scene import open_scene, require_valid_pixels
 from geodino.sensor import prepare
 from geodino.stitch import stitch
@@ -90,14 +92,15 @@ def build_run(scene_paths, options: RunOptions, progress=None) -> SceneRun:
         chm.attrs.update(units="m", long_name="canopy height")
         variables["canopy_height"] = chm
     if "landcover" in stitched:
-        probs = stitched["landcover"]
+        logits = stitched["landcover"]  # blended logits, NaN where no valid input
         codes = np.asarray(classes.codes, np.uint8)
-        labels = da.map_blocks(_argmax_codes, probs.data, codes, classes.nodata, drop_axis=0, dtype=np.uint8)
-        lc = xr.DataArray(labels, dims=("y", "x"), coords={"y": probs.y, "x": probs.x},
+        labels = da.map_blocks(_argmax_codes, logits.data, codes, classes.nodata, drop_axis=0, dtype=np.uint8)
+        lc = xr.DataArray(labels, dims=("y", "x"), coords={"y": logits.y, "x": logits.x},
                           attrs={"long_name": "land cover", "class_codes": list(classes.codes),
                                  "class_names": list(classes.names), "_FillValue": classes.nodata})
         variables["landcover"] = lc
         if options.probabilities:
+            probs = logits.copy(data=da.map_blocks(_softmax, logits.data, dtype=np.float32))
             variables["landcover_probability"] = probs.drop_vars("band_name", errors="ignore").rename(band="class").assign_coords(
                 **{"class": list(classes.codes), "class_name": ("class", list(classes.names))})
     if "embeddings" in stitched:
@@ -110,16 +113,24 @@ def build_run(scene_paths, options: RunOptions, progress=None) -> SceneRun:
     return SceneRun(ds, scene, norm, bundle, tiles, options, classes, hooks)
 
 
-def _argmax_codes(probs: np.ndarray, codes: np.ndarray, nodata: int) -> np.ndarray:
+def _argmax_codes(logits: np.ndarray, codes: np.ndarray, nodata: int) -> np.ndarray:
+    """Class codes of the largest logit; ``nodata`` where the logits are NaN (all bands are)."""
     with stage("argmax"):
-        return _argmax(probs, codes, nodata)
+        best = np.zeros(logits.shape[1:], np.uint8)
+        top = logits[0].copy()
+        for k in range(1, logits.shape[0]):  # a running maximum reads each band once
+            larger = logits[k] > top
+            best[larger] = k
+            np.maximum(top, logits[k], out=top)
+        out = codes[best]
+        out[np.isnan(top)] = nodata
+        return out
 
 
-def _argmax(probs, codes, nodata):
-    invalid = np.isnan(probs[0])
-    out = codes[np.argmax(np.nan_to_num(probs, nan=-1.0), axis=0)]
-    out[invalid] = nodata
-    return out
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities from blended logits (NaN stays NaN)."""
+    e = np.exp(logits - logits.max(axis=0, keepdims=True))
+    return (e / e.sum(axis=0, keepdims=True)).astype(np.float32)
 
 
 def run_scene(scene, *, backbone: str, canopy_head: str | None = None, landcover_head: str | None = None,
@@ -159,14 +170,26 @@ def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, 
     tags = _provenance(run)
     grid = run.scene.grid
     rasters = []
+    stats = {"canopy_height": HeightStats(), "landcover": ClassCounts()}  # filled as blocks are written
     if "canopy_height" in ds:
         rasters.append(RasterOutput(out / "canopy_height.tif", ds["canopy_height"].expand_dims(band=1),
                                     dtype="float32", nodata=float("nan"), descriptions=["canopy height"],
-                                    units="m", tags=tags, overview_resampling="average", grid=grid))
+                                    units="m", tags=tags, overview_resampling="average", grid=grid,
+                                    observers=[stats["canopy_height"].update]))
+    polygons = out / "landcover.gpkg" if "landcover" in ds and o.polygons else None
+    if polygons is not None:
+        check_writable([polygons], overwrite)
+    stack = contextlib.ExitStack()
+    # polygons are made from the class COG while the other outputs are still being converted,
+    # and appear at their final path only when everything succeeded
+    staged = stack.enter_context(atomic_path(polygons)) if polygons is not None else None
     if "landcover" in ds:
+        after = functools.partial(_polygons, staged=staged, classes=run.classes, min_area=o.min_polygon_area) \
+            if staged is not None else None
         rasters.append(RasterOutput(out / "landcover.tif", ds["landcover"].expand_dims(band=1), dtype="uint8",
                                     nodata=run.classes.nodata, descriptions=["land cover"], tags=tags,
-                                    classes=run.classes, overview_resampling="mode", grid=grid))
+                                    classes=run.classes, overview_resampling="mode", grid=grid, after=after,
+                                    observers=[stats["landcover"].update]))
     if "landcover_probability" in ds:
         rasters.append(RasterOutput(out / "landcover_probability.tif", ds["landcover_probability"],
                                     dtype="float32", nodata=float("nan"),
@@ -179,7 +202,7 @@ def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, 
                                     overview_resampling="average", grid=grid.coarsen(run.bundle.patch_size)))
     total = len(run.tiles)
     start = time.perf_counter()
-    with Progress(f"{run.scene.name}", total=total, enabled=None if not quiet else False) as bar:
+    with stack, Progress(f"{run.scene.name}", total=total, enabled=None if not quiet else False) as bar:
         run.hooks.append(bar.advance)
         try:
             with _scheduler(o):
@@ -188,29 +211,33 @@ def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, 
             run.hooks.remove(bar.advance)
     elapsed = time.perf_counter() - start
     outputs = {r.path.stem: str(r.path.name) for r in rasters}
-    if "landcover" in ds and o.polygons:
-        with stage("polygons"):
-            polygonize(out / "landcover.tif", out / "landcover.gpkg", run.classes,
-                       min_area=o.min_polygon_area, overwrite=overwrite)
-        outputs["landcover_polygons"] = "landcover.gpkg"
+    if polygons is not None:
+        outputs["landcover_polygons"] = polygons.name
     with stage("report"):
-        report = make_report(run, out, elapsed, outputs)
+        report = make_report(run, out, elapsed, outputs, stats)
     with atomic_path(out / REPORT) as tmp:
         tmp.write_text(json.dumps(report, indent=2))
     return report
 
 
+def _polygons(cog: Path, *, staged: Path, classes: ClassTable, min_area: float) -> None:
+    with stage("polygons"):
+        polygonize(cog, staged, classes, min_area=min_area, overwrite=True)
+
+
 @contextlib.contextmanager
 def _scheduler(options: RunOptions):
     """threads: dask's local threads; local: a LocalCluster; anything else: a scheduler address."""
+    processes = options.processes if options.scheduler == "local" else 1
+    workers = options.workers or max(1, (os.cpu_count() or 1) // processes)
     if options.scheduler == "threads":
-        with dask.config.set(scheduler="threads", num_workers=options.workers):
+        with dask.config.set(scheduler="threads", num_workers=workers):
             yield None
         return
     from distributed import Client, LocalCluster
 
     if options.scheduler == "local":
-        with LocalCluster(n_workers=1, threads_per_worker=options.workers, processes=True,
+        with LocalCluster(n_workers=options.processes, threads_per_worker=workers, processes=True,
                           dashboard_address=None) as cluster, Client(cluster) as client:
             yield client
     else:

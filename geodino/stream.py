@@ -39,14 +39,18 @@ def _is_batch(key) -> bool:
     return isinstance(key, tuple) and isinstance(key[0], str) and key[0].startswith(BATCH_PREFIX)
 
 
-def _get():
-    """The active scheduler's ``get``: a distributed client if one is set, else local threads."""
+def _client():
+    """The active dask.distributed client, or None."""
     try:
         from distributed import get_client
 
-        return get_client().get
+        return get_client()
     except (ImportError, ValueError):
-        pass
+        return None
+
+
+def _get():
+    """The local scheduler's ``get``: the synchronous one if configured, else threads."""
     scheduler = dask.config.get("scheduler", None)
     if scheduler in ("sync", "synchronous", "single-threaded"):
         return dask.get
@@ -125,6 +129,10 @@ def stream_blocks(arrays: Sequence, blocks_per_wave: int | None = None
         blocks_per_wave = max(4, int(dask.config.get("num_workers", None) or 2))
     waves, uses = _plan(graph, arrays, blocks_per_wave)
     last_use = {k: max(w for w, _, _ in u) for k, u in uses.items()}
+    client = _client()
+    if client is not None:
+        yield from _stream_distributed(client, graph, waves, last_use)
+        return
     get = _get()
 
     def compute(w: int, cache: dict):
@@ -159,3 +167,36 @@ def stream_blocks(arrays: Sequence, blocks_per_wave: int | None = None
                 if pending is not None:
                     pending.cancel()
                 raise
+
+
+def _stream_distributed(client, graph: dict, waves: list, last_use: dict):
+    """Waves on a dask.distributed cluster: batch results stay on the workers as futures.
+
+    Passing batch results back in as data (the local way) would ship them to the scheduler
+    with every wave ("Sending large graph"). Here a later wave's graph names the batches it
+    shares with earlier waves by their futures, so the graph carries only tasks (a few KB
+    per wave, whatever the scene size), and only finished blocks travel to this process.
+    The next wave is submitted before this one's blocks are handed to the caller.
+    """
+    held: dict = {}  # batch key -> Future, until its last wave
+
+    def submit(w: int):
+        keys, _, batches = waves[w]
+        keep = sorted((k for k in batches if last_use[k] > w and k not in held), key=str)
+        culled, _ = cull(graph, keys + keep)
+        for k in batches:
+            if k in held:
+                culled[k] = held[k]
+        futures = client.get(culled, keys + keep, sync=False)
+        held.update(zip(keep, futures[len(keys):]))
+        for k in [k for k in held if last_use[k] <= w]:
+            del held[k]  # the cluster frees a batch once no wave needs it
+        return futures[:len(keys)]
+
+    pending = submit(0) if waves else None
+    for w in range(len(waves)):
+        current = pending
+        pending = submit(w + 1) if w + 1 < len(waves) else None
+        blocks = client.gather(current)
+        for (index, slices), block in zip(waves[w][1], blocks):
+            yield index, slices, block

@@ -32,6 +32,28 @@ from _common import CACHE, machine, pattern_rgb8_scene  # noqa: E402
 REPO = HERE.parent
 
 
+SENT: list[int] = []
+
+
+def _record_graph_sizes() -> None:
+    """Record the pickled size of every graph a distributed client sends (one per wave)."""
+    import cloudpickle
+    from distributed import Client
+
+    real = Client.get
+
+    def get(self, dsk, keys, **kw):
+        SENT.append(len(cloudpickle.dumps(dict(dsk))))
+        return real(self, dsk, keys, **kw)
+
+    Client.get = get
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=8192)
@@ -64,8 +86,18 @@ def main() -> None:
     for key in ("workers", "chunks", "compress"):
         if getattr(args, key) is not None:
             setattr(opts, key, getattr(args, key))
+    cluster = None
     if args.scheduler == "local":
-        opts.processes = args.processes
+        # started before the clock: the run then connects to it, as to any scheduler address
+        from distributed import LocalCluster
+
+        t = time.perf_counter()
+        cluster = LocalCluster(n_workers=args.processes, threads_per_worker=max(1, (os.cpu_count() or 1)
+                                                                                // args.processes),
+                               processes=True, dashboard_address=None)
+        startup = time.perf_counter() - t
+        opts.scheduler = cluster.scheduler_address
+        _record_graph_sizes()
 
     def bundle(**kw):
         return InstantBundle(constant=args.constant, **kw)
@@ -75,19 +107,26 @@ def main() -> None:
     run.bundle.load()
     graph_bytes = len(pickle.dumps(dict(run.dataset.__dask_graph__()), protocol=5))
     with collect() as stages:
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), _cpu_seconds()
         report = pipeline.write_scene(run, out, overwrite=True, quiet=True)
-        seconds = time.perf_counter() - t
+        seconds, cpu = time.perf_counter() - t, _cpu_seconds() - cpu
     windows = len(run.tiles)
+    if cluster is not None:
+        cluster.close()
     print(json.dumps({
         "benchmark": "pipeline", "size": args.size, "windows": windows, "scheduler": args.scheduler,
         "workers": opts.workers, "processes": args.processes if args.scheduler == "local" else None,
         "batch_size": args.batch_size, "chunks": opts.chunks, "embeddings": args.embeddings,
         "polygons": opts.polygons, "constant": args.constant, "compress": opts.compress,
         "seconds": round(seconds, 3), "windows_per_second": round(windows / seconds, 2),
+        # CPU seconds of this process (all threads): the work done, whatever else the machine runs
+        "cpu_seconds": round(cpu, 3), "cpu_ms_per_window": round(1000 * cpu / windows, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "graph_pickle_mb": round(graph_bytes / 2**20, 3),
+        "cluster_startup_s": round(startup, 2) if cluster is not None else None,
+        "largest_graph_sent_kb": round(max(SENT) / 1024, 1) if SENT else None,
         "stages_s": {k: round(v, 3) for k, v in sorted(stages.items(), key=lambda kv: -kv[1])},
+        "stages_cpu_s": {k: round(v, 3) for k, v in sorted(stages.cpu.items(), key=lambda kv: -kv[1])},
         "outputs": report["outputs"], "machine": machine(),
     }, indent=2))
 

@@ -17,16 +17,20 @@ from typing import Iterator
 
 
 class StageTimes(dict):
-    """stage name -> seconds (summed over threads), plus call counts in ``calls``."""
+    """stage name -> wall seconds (summed over threads), plus the calling threads' CPU seconds
+    in ``cpu`` (work done, whatever else the machine runs; threads that a library starts for
+    itself, like GDAL's compressors, are not counted) and call counts in ``calls``."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.cpu: dict[str, float] = {}
         self.calls: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def add(self, name: str, seconds: float) -> None:
+    def add(self, name: str, seconds: float, cpu: float = 0.0) -> None:
         with self._lock:
             self[name] = self.get(name, 0.0) + seconds
+            self.cpu[name] = self.cpu.get(name, 0.0) + cpu
             self.calls[name] = self.calls.get(name, 0) + 1
 
 
@@ -40,11 +44,11 @@ def stage(name: str) -> Iterator[None]:
     if times is None:
         yield
         return
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.thread_time()
     try:
         yield
     finally:
-        times.add(name, time.perf_counter() - start)
+        times.add(name, time.perf_counter() - start, time.thread_time() - cpu)
 
 
 @contextlib.contextmanager

@@ -186,7 +186,16 @@ def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, 
         polygonize(out / "landcover.tif", out / "landcover.gpkg", run.classes,
                    min_area=o.min_polygon_area, overwrite=overwrite)
         outputs["landcover_polygons"] = "landcover.gpkg"
+    trees = None
+    if o.crowns and "canopy_height" in outputs:
+        from geodino.trees import crowns
+
+        trees = crowns(out / outputs["canopy_height"], out, overwrite=overwrite, write_report=False,
+                       progress=False if quiet else None)
+        outputs.update({k: p.name for k, p in trees.outputs.items()})
     report = make_report(run, out, elapsed, outputs)
+    if trees is not None:
+        report["trees"] = {k: v for k, v in trees.report.items() if k not in ("outputs", "canopy_height")}
     with atomic_path(out / REPORT) as tmp:
         tmp.write_text(json.dumps(report, indent=2))
     return report

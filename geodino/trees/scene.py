@@ -29,6 +29,7 @@ import numpy as np
 import rasterio
 import shapely
 
+from geodino.errors import InputError
 from geodino.export import atomic_path, check_writable, partial_path, to_cog
 from geodino.progress import Progress
 from geodino.trees.outputs import (Summary, TreeLayers, crown_polygons, describe_id_raster,
@@ -73,6 +74,8 @@ def crowns(canopy: str | os.PathLike, out: str | os.PathLike, params: CrownParam
     paths = {"trees": out / TREES_GPKG, "crowns": out / CROWNS_TIF}
     if write_report:
         paths["report"] = out / REPORT
+    if any(p.resolve() == raster.path.resolve() for p in paths.values()):
+        raise InputError(f"{raster.path}: the input would be overwritten by an output; choose another --out")
     check_writable(paths.values(), overwrite)
     out.mkdir(parents=True, exist_ok=True)
     blocks = _blocks(raster, params.block)

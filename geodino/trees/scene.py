@@ -7,8 +7,9 @@ Two passes over blocks of ``params.block`` pixels, each read with a halo:
    the block whose core holds its top, so it is found once. Tops are written to a scratch
    file band by band (a band is a row of blocks) in raster order; a tree's id is its rank
    in that order, which does not depend on the block size.
-2. crowns. A block sees ``Halos.crowns`` pixels around its core (two crown radii): every
-   crown that reaches into the core, and every top that competes with one, is inside. Tops
+2. crowns. A block sees ``Halos.crowns`` pixels around its core (three crown radii): every
+   crown that reaches into the core, every top that competes with one, and their
+   neighbours are inside. Tops
    come from pass 1, not found again. The block writes its core's crown ids into the id
    raster and its own trees (whole crowns, never cut at the core's edge) to the GeoPackage.
 
@@ -160,7 +161,7 @@ def _write_crowns(raster, params, blocks, tops_file: Path, starts: list[int], pa
                 rows, cols, ids = _tops_near(tops_file, starts, params.block, er, er + raw.shape[0], ec,
                                              ec + raw.shape[1])
                 labels = segment_crowns(raw, surface(raw, params, raster.pixel), rows - er, cols - ec,
-                                        params, raster.pixel)
+                                        params, raster.pixel, origin=(er, ec))
                 lookup = np.concatenate([[0], ids]).astype(np.uint32)
                 core = (slice(halo, halo + h), slice(halo, halo + w))
                 write_ids(dst, lookup[labels[core]], r, c)

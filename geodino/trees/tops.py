@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from geodino.trees.params import SMOOTH_TRUNCATE, CrownParams, PixelSize, smoothing_sigma_px
+from geodino.trees.params import SMOOTH_TRUNCATE, CrownParams, PixelSize, climb_steps, smoothing_sigma_px
 
 _OFFSETS_PER_STEP = 48  # ring offsets tested per vectorised step
 
@@ -68,9 +68,7 @@ def find_tops(raw: np.ndarray, smoothed: np.ndarray, params: CrownParams, pixel:
     """
     h, w = raw.shape
     s = np.where(np.isfinite(smoothed), smoothed, -np.inf).astype(np.float32)
-    climb = 0
-    if params.smoothing_m > 0:
-        climb = max(1, int(np.ceil(SMOOTH_TRUNCATE * max(smoothing_sigma_px(params, pixel))))) + 1
+    climb = climb_steps(params, pixel)
     # candidates: 3x3 maxima over min_height, searched a climb's reach around the zone
     z0 = max(zone[0].start - climb, 0), min(zone[0].stop + climb, h)
     z1 = max(zone[1].start - climb, 0), min(zone[1].stop + climb, w)
@@ -80,7 +78,9 @@ def find_tops(raw: np.ndarray, smoothed: np.ndarray, params: CrownParams, pixel:
     rows, cols = rows + z0[0], cols + z1[0]
     rows, cols = _window_test(s, rows, cols, params, pixel)
     if climb:
-        rows, cols = _climb(raw, rows, cols, climb)
+        rows, cols, settled = _climb(raw, rows, cols, climb)
+        # a top still rising after the longest allowed climb has no raw peak of its own
+        rows, cols = rows[settled], cols[settled]
     heights = raw[rows, cols] if rows.size else np.zeros(0, np.float32)
     inside = ((rows >= zone[0].start) & (rows < zone[0].stop) & (cols >= zone[1].start)
               & (cols < zone[1].stop) & (heights >= params.min_height))
@@ -121,16 +121,19 @@ def _window_test(s: np.ndarray, rows: np.ndarray, cols: np.ndarray, params: Crow
 
 
 def _climb(raw: np.ndarray, rows: np.ndarray, cols: np.ndarray, steps: int):
-    """Move each position uphill on ``raw`` (steepest 8-neighbour ascent), at most ``steps``."""
+    """Move each position uphill on ``raw`` (steepest 8-neighbour ascent), at most ``steps``;
+    also says which positions reached a raw local maximum."""
     r = np.where(np.isfinite(raw), raw, -np.inf)
     padded = np.pad(r, 1, mode="constant", constant_values=-np.inf)
     # the centre first, so a pixel stays where it is unless a neighbour is strictly higher
     oy = np.array([0, -1, -1, -1, 0, 0, 1, 1, 1])
     ox = np.array([0, -1, 0, 1, -1, 1, -1, 0, 1])
-    for _ in range(steps):
+    settled = np.zeros(rows.size, bool)
+    for _ in range(steps + 1):
         vals = padded[rows[:, None] + 1 + oy[None], cols[:, None] + 1 + ox[None]]
         best = np.argmax(vals, axis=1)
-        if not best.any():
+        settled = best == 0
+        if settled.all():
             break
         rows, cols = rows + oy[best], cols + ox[best]
-    return rows, cols
+    return rows, cols, settled

@@ -58,9 +58,9 @@ def test_canopy_only_render_and_crown_table_match_the_generator():
 
 
 def test_trees_match_the_synthetic_truth(truth_scene, tmp_path):
-    cfg, path, truth = truth_scene
+    _, path, truth = truth_scene
     result = crowns(path, tmp_path / "out", progress=False)
-    tops, polys, ids = _trees(tmp_path / "out")
+    tops, polys, _ = _trees(tmp_path / "out")
     assert result.trees == len(tops) == len(polys) > 1000
     det = np.c_[tops.geometry.x, tops.geometry.y]
     vis = truth["apex_visible"]
@@ -215,7 +215,7 @@ def test_nodata_flat_tops_and_an_empty_raster(tmp_path):
     chm[50:, :] = -9999.0  # nodata hides the third tree
     path = write_raster(tmp_path / "chm.tif", chm, transform=from_origin(0, 100, 0.5, 0.5), nodata=-9999.0)
     crowns(path, tmp_path / "out", progress=False)
-    tops, polys, ids = _trees(tmp_path / "out")
+    tops, _, ids = _trees(tmp_path / "out")
     assert sorted(tops.height_m) == [12.0, 15.0]
     assert (ids[50:] == 0).all()
     flat = tops[tops.height_m == 15.0].geometry.iloc[0]
@@ -258,7 +258,7 @@ def test_bad_input_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
     assert (tmp_path / "mine" / "crowns.tif").read_text() == "a user's file"
 
     # a failure half way leaves no output and no partial file behind
-    import geodino.trees.scene as scene
+    from geodino.trees import scene
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -281,19 +281,25 @@ def test_cli_crowns(tmp_path, truth_scene):
 
 
 def test_run_with_crowns(tmp_path, small_scene, tiny_models):
+    from geodino.cli import main
     from geodino.options import RunOptions
-    from geodino.pipeline import build_run, write_scene
 
-    opts = RunOptions(backbone=tiny_models["backbone"], canopy_head=tiny_models["canopy"], profile="reflectance",
-                      window=256, overlap=32, crowns=True, polygons=False)
-    report = write_scene(build_run(str(small_scene.scene), opts), tmp_path, quiet=True)
+    args = ["run", str(small_scene.scene), "--out", str(tmp_path), "--backbone", tiny_models["backbone"],
+            "--canopy-head", tiny_models["canopy"], "--profile", "reflectance", "--window", "256",
+            "--overlap", "32", "--no-polygons", "--crowns"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
     assert report["outputs"]["trees"] == "trees.gpkg" and report["outputs"]["crowns"] == "crowns.tif"
     tops = _trees(tmp_path)[0]
     assert report["trees"]["trees"] == len(tops)
-    with rasterio.open(tmp_path / "crowns.tif") as a, rasterio.open(tmp_path / "canopy_height.tif") as b:
-        assert a.transform == b.transform and a.shape == b.shape
-    on_disk = json.loads((tmp_path / "report.json").read_text())
-    assert on_disk["trees"]["trees"] == len(tops)
+    with rasterio.open(tmp_path / "canopy_height.tif") as b:
+        heights = b.read(1)
+        with rasterio.open(tmp_path / "crowns.tif") as a:
+            assert a.transform == b.transform and a.shape == b.shape
+    # the trees are those of the canopy raster the run wrote
+    alone = crowns(tmp_path / "canopy_height.tif", tmp_path / "alone", progress=False)
+    assert alone.trees == len(tops) and report["trees"].get("height_m") == alone.report.get("height_m")
+    assert report["trees"]["valid_area_ha"] == pytest.approx(np.isfinite(heights).sum() * 0.36 / 1e4, rel=1e-3)
     with pytest.raises(ConfigError, match="canopy"):
         RunOptions(backbone=tiny_models["backbone"], landcover_head=tiny_models["landcover"], crowns=True).validate()
 
@@ -303,3 +309,20 @@ def test_crowns_is_a_public_function():
 
     assert callable(geodino.crowns) and geodino.crowns is crowns
     assert issubclass(InputError, GeodinoError)
+
+
+def test_trees_notebook_is_stored_executed_small_and_clean():
+    """notebooks/trees.ipynb runs in tests/test_pipeline.py::test_notebooks_run with the others;
+    here: it is kept with its outputs (pictures of tops and crowns), small, with no warnings."""
+    import nbformat
+
+    from tests.conftest import REPO
+
+    path = REPO / "notebooks" / "trees.ipynb"
+    assert path.stat().st_size < 1_000_000
+    nb = nbformat.read(path, as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2
+    assert not [o for o in outputs if o.output_type == "error" or o.get("name") == "stderr"]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "Warning" not in text and '"f1"' in text

@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import rasterio
 from rasterio.features import shapes
 from rasterio.windows import Window
 
@@ -88,9 +87,9 @@ def crown_polygons(labels: np.ndarray, keep: np.ndarray, row0: int, col0: int, t
 
 def id_raster_profile(raster: CanopyRaster, block: int) -> dict:
     tile = next((s for s in (512, 256, 128, 64, 32, 16) if block % s == 0), COG_BLOCK)
-    return dict(driver="GTiff", width=raster.width, height=raster.height, count=1, dtype="uint32",
-                crs=raster.crs, transform=raster.transform, nodata=0, tiled=True, blockxsize=tile,
-                blockysize=tile, compress="ZSTD", predictor=2, BIGTIFF="IF_SAFER")
+    return {"driver": "GTiff", "width": raster.width, "height": raster.height, "count": 1, "dtype": "uint32",
+            "crs": raster.crs, "transform": raster.transform, "nodata": 0, "tiled": True, "blockxsize": tile,
+            "blockysize": tile, "compress": "ZSTD", "predictor": 2, "BIGTIFF": "IF_SAFER"}
 
 
 def describe_id_raster(dst, tags: dict) -> None:
@@ -146,7 +145,7 @@ class Summary:
         if self.trees:
             out["height_m"] = {"mean": round(self.height_sum / self.trees, 3),
                                **_quantiles(self.heights, self.HEIGHT_BIN), "max": round(self.height_max, 3)}
-            edges = list(range(0, int(math.ceil(self.height_max / 5.0)) * 5 + 5, 5))
+            edges = list(range(0, math.ceil(self.height_max / 5.0) * 5 + 5, 5))
             per_m = np.add.reduceat(self.heights, [int(e / self.HEIGHT_BIN) for e in edges[:-1]])
             out["height_histogram"] = {"edges_m": edges, "trees": [int(v) for v in per_m[:len(edges) - 1]]}
             out["crown_area_m2"] = _quantiles(self.areas, self.AREA_BIN)

@@ -69,7 +69,7 @@ class PixelSize:
 
     def reach(self, metres: float) -> int:
         """Pixels needed to cover ``metres`` along the shorter pixel side (at least 1)."""
-        return max(1, int(math.ceil(metres / min(self.y, self.x))))
+        return max(1, math.ceil(metres / min(self.y, self.x)))
 
 
 @dataclass(frozen=True)

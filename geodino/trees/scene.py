@@ -33,8 +33,15 @@ import shapely
 from geodino.errors import InputError
 from geodino.export import atomic_path, check_writable, partial_path, to_cog
 from geodino.progress import Progress
-from geodino.trees.outputs import (Summary, TreeLayers, crown_polygons, describe_id_raster,
-                                   id_raster_profile, provenance, write_ids)
+from geodino.trees.outputs import (
+    Summary,
+    TreeLayers,
+    crown_polygons,
+    describe_id_raster,
+    id_raster_profile,
+    provenance,
+    write_ids,
+)
 from geodino.trees.params import CrownParams, halos
 from geodino.trees.segment import crown_pixel_counts, segment_crowns
 from geodino.trees.source import CanopyRaster, open_canopy

@@ -22,7 +22,13 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from geodino.trees.params import SMOOTH_TRUNCATE, CrownParams, PixelSize, climb_steps, smoothing_sigma_px
+from geodino.trees.params import (
+    SMOOTH_TRUNCATE,
+    CrownParams,
+    PixelSize,
+    climb_steps,
+    smoothing_sigma_px,
+)
 
 _OFFSETS_PER_STEP = 48  # ring offsets tested per vectorised step
 

@@ -71,6 +71,13 @@ def crowns(canopy: str | os.PathLike, out: str | os.PathLike, params: CrownParam
     distributions) into ``out``. ``options`` are :class:`CrownParams` fields (metres), e.g.
     ``geodino.crowns("chm.tif", "trees", min_height=3, smoothing_m=0.5)``. Diameters are
     those of the circle of the crown's area.
+
+    Method: optional Gaussian smoothing; tops as local maxima in a window growing with
+    height (Popescu & Wynne 2004, Photogramm. Eng. Remote Sens. 70(5), as lidR's ``lmf``);
+    crowns by marker-controlled watershed (Meyer & Beucher 1990, J. Vis. Commun. Image
+    Represent. 1(1)) bounded by a maximum crown radius and a fraction of the top height
+    like the region growing of Dalponte & Coomes 2016 (Methods Ecol. Evol. 7(10), lidR's
+    ``dalponte2016``). See :mod:`geodino.trees.tops` and :mod:`geodino.trees.segment`.
     """
     params = params if params is not None else CrownParams()
     if options:

@@ -171,6 +171,10 @@ def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, 
         rasters.append(RasterOutput(out / "embeddings.tif", emb, dtype=o.embeddings_dtype, nodata=float("nan"),
                                     descriptions=[f"embedding {i}" for i in range(emb.shape[0])], tags=tags,
                                     overview_resampling="average", grid=grid.coarsen(run.bundle.patch_size)))
+    if o.crowns:  # refuse before the long part, not after it
+        from geodino.export import check_writable
+
+        check_writable([out / "trees.gpkg", out / "crowns.tif"], overwrite)
     total = len(run.tiles)
     start = time.perf_counter()
     with Progress(f"{run.scene.name}", total=total, enabled=None if not quiet else False) as bar:

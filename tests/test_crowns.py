@@ -303,6 +303,19 @@ def test_run_with_crowns(tmp_path, small_scene, tiny_models):
     with pytest.raises(ConfigError, match="canopy"):
         RunOptions(backbone=tiny_models["backbone"], landcover_head=tiny_models["landcover"], crowns=True).validate()
 
+    # a tree output that is in the way is refused before the scene is computed, and kept
+    from geodino.errors import OutputExistsError
+    from geodino.pipeline import build_run, write_scene
+
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "trees.gpkg").write_text("a user's file")
+    opts = RunOptions(backbone=tiny_models["backbone"], canopy_head=tiny_models["canopy"], profile="reflectance",
+                      window=256, overlap=32, crowns=True, polygons=False)
+    with pytest.raises(OutputExistsError):
+        write_scene(build_run(str(small_scene.scene), opts), tmp_path / "busy", quiet=True)
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["trees.gpkg"]
+    assert (tmp_path / "busy" / "trees.gpkg").read_text() == "a user's file"
+
 
 def test_crowns_is_a_public_function():
     import geodino

@@ -181,6 +181,24 @@ def test_half_metre_and_one_metre_versions_give_the_same_trees(tmp_path):
     assert s["crown_area_rel_error_median"] <= 0.2, s
 
 
+def test_tenth_of_a_metre_pixels_find_the_trees_of_the_same_canopy_at_0_6_m(tmp_path):
+    """The finest pixel size the issue names: the canopy upsampled 6x (bilinear) to 0.1 m."""
+    from scipy import ndimage
+
+    cfg = SynthConfig(width=192, height=192, seed=3, gsd=0.6)
+    canopy = render_canopy(cfg, 0, 0, 192, 192)
+    found = {}
+    for name, data, res in (("coarse", canopy, 0.6), ("fine", ndimage.zoom(canopy, 6, order=1), 0.1)):
+        path = _write_canopy(tmp_path / f"{name}.tif", data, cfg, res=res)
+        crowns(path, tmp_path / name, progress=False)
+        found[name] = _trees(tmp_path / name)[0]
+    a, b = found["coarse"], found["fine"]
+    assert len(a) > 100
+    s = score_trees(np.c_[b.geometry.x, b.geometry.y], np.c_[a.geometry.x, a.geometry.y], det_height=b.height_m,
+                    ref_height=a.height_m, det_area=b.crown_area_m2, ref_area=a.crown_area_m2)
+    assert s["f1"] >= 0.9 and s["height_abs_error_median_m"] <= 0.1 and s["crown_area_rel_error_median"] <= 0.1, s
+
+
 def test_geographic_and_foot_crs_use_metres(tmp_path):
     """The same canopy on a UTM grid, in degrees and in US feet: the same trees and areas in m²."""
     cfg = SynthConfig(width=256, height=256, seed=3, gsd=0.6, crs="EPSG:32633", origin_x=500000.0,

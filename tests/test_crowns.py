@@ -298,6 +298,19 @@ def test_cli_crowns(tmp_path, truth_scene):
     assert len(tops) == report["trees"] > 100 and tops.height_m.min() >= 10.0
 
 
+def test_cli_defaults_are_the_library_defaults():
+    import inspect
+
+    from geodino.cli import crowns_command
+
+    names = {"min_height": "min_height", "smooth": "smoothing_m", "window_intercept": "window_intercept_m",
+             "window_slope": "window_slope", "window_min": "window_min_m", "window_max": "window_max_m",
+             "max_crown_radius": "max_crown_radius_m", "crown_fraction": "crown_fraction", "block": "block"}
+    params = inspect.signature(crowns_command).parameters
+    for cli_name, field in names.items():
+        assert params[cli_name].default.default == getattr(CrownParams(), field), cli_name
+
+
 def test_run_with_crowns(tmp_path, small_scene, tiny_models):
     from geodino.cli import main
     from geodino.options import RunOptions

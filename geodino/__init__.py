@@ -59,6 +59,8 @@ _LAZY = {
     "FitConfig": "geodino.train",
     "metrics": "geodino.metrics",
     "synth": "geodino.synth",
+    "crowns": "geodino.trees",
+    "CrownParams": "geodino.trees",
 }
 
 

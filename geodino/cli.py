@@ -100,6 +100,7 @@ def run(
     chunks: Optional[int] = typer.Option(None, help="Output block size in pixels, rounded down to whole window strides (memory/parallelism only)"),
     workers: Optional[int] = typer.Option(None, help="Threads per process for reading, blending and writing (default 0: one per CPU core)"),
     processes: Optional[int] = typer.Option(None, help="Worker processes with --scheduler local (default 1)"),
+    crowns: Optional[bool] = typer.Option(None, "--crowns/--no-crowns", help="Also find individual trees in the canopy map (trees.gpkg, crowns.tif)"),
     overwrite: bool = typer.Option(False, help="Recompute and replace finished outputs"),
 ) -> None:
     """Map canopy height and land cover (and embeddings) for one or many scenes."""
@@ -111,7 +112,8 @@ def run(
                      canopy_model=canopy_model, profile=profile, bands=_bands(bands), window=window, overlap=overlap,
                      batch_size=batch_size, device=device, embeddings=embeddings, probabilities=probabilities,
                      scheduler=scheduler, compile=compile, target_gsd=target_gsd, polygons=polygons,
-                     min_polygon_area=min_polygon_area, chunks=chunks, workers=workers, processes=processes)
+                     min_polygon_area=min_polygon_area, chunks=chunks, workers=workers, processes=processes,
+                     crowns=crowns)
     for key, value in overrides.items():
         if value is not None:
             setattr(options, key, value)
@@ -205,6 +207,35 @@ def evaluate(
     from geodino.metrics import evaluate_rasters
 
     typer.echo(json.dumps(evaluate_rasters(prediction, reference, task), indent=2))
+
+
+@app.command("crowns")
+def crowns_command(
+    canopy: Path = typer.Argument(..., help="Canopy-height raster in metres (geodino's, a lidar CHM, CHMv2's; any CRS)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for trees.gpkg, crowns.tif and report.json"),
+    band: int = typer.Option(1, help="Band holding the heights"),
+    min_height: float = typer.Option(2.0, help="Lowest tree top and crown pixel (m)"),
+    smooth: float = typer.Option(0.0, help="Gaussian smoothing sigma before the search (m); 0: none"),
+    window_intercept: float = typer.Option(1.0, help="Search-window diameter at 0 m height (m)"),
+    window_slope: float = typer.Option(0.08, help="Window diameter growth per metre of height"),
+    window_min: float = typer.Option(1.0, help="Smallest search-window diameter (m)"),
+    window_max: float = typer.Option(10.0, help="Largest search-window diameter (m)"),
+    max_crown_radius: float = typer.Option(10.0, help="Largest distance of a crown pixel from its top (m)"),
+    crown_fraction: float = typer.Option(0.5, help="Crown pixels are at least this fraction of the top's height"),
+    block: int = typer.Option(1024, help="Block size in pixels (memory only; results do not depend on it)"),
+    overwrite: bool = typer.Option(False, help="Replace existing outputs"),
+) -> None:
+    """Individual trees from a canopy-height raster: tree tops, crown polygons, crown ids, summary."""
+    from geodino.trees import CrownParams, crowns
+
+    params = CrownParams(min_height=min_height, smoothing_m=smooth, window_intercept_m=window_intercept,
+                         window_slope=window_slope, window_min_m=window_min, window_max_m=window_max,
+                         max_crown_radius_m=max_crown_radius, crown_fraction=crown_fraction, block=block)
+    result = crowns(canopy, out, params, band=band, overwrite=overwrite)
+    report = result.report
+    typer.echo(f"{report['trees']} trees, {report['density_per_ha']} per ha -> {out}")
+    for p in result.outputs.values():
+        typer.echo(str(p))
 
 
 def _data_samples() -> Path:

@@ -38,6 +38,7 @@ class RunOptions:
     processes: int = 1  # worker processes with scheduler: local
     compress: str = "DEFLATE"
     layers: list | None = None  # backbone blocks the heads read (default: the backbone's usual four)
+    crowns: bool = False  # individual trees (trees.gpkg, crowns.tif) from the canopy raster
 
     @classmethod
     def from_mapping(cls, data: dict, source: str = "config") -> "RunOptions":
@@ -66,6 +67,8 @@ class RunOptions:
                               "use float32")
         if self.compress.upper() not in ("DEFLATE", "ZSTD", "LZW"):
             raise ConfigError("compress must be DEFLATE, ZSTD or LZW")
+        if self.crowns and not (self.canopy_head or self.canopy_model):
+            raise ConfigError("crowns are found in the canopy-height map: give a canopy head or a canopy model")
         if not (self.canopy_head or self.landcover_head or self.canopy_model or self.embeddings):
             raise ConfigError("nothing to compute: give a canopy head, a land-cover head, a canopy model "
                               "or ask for embeddings")

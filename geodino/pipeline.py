@@ -200,6 +200,8 @@ def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, 
         rasters.append(RasterOutput(out / "embeddings.tif", emb, dtype=o.embeddings_dtype, nodata=float("nan"),
                                     descriptions=[f"embedding {i}" for i in range(emb.shape[0])], tags=tags,
                                     overview_resampling="average", grid=grid.coarsen(run.bundle.patch_size)))
+    if o.crowns:  # refuse before the long part, not after it
+        check_writable([out / "trees.gpkg", out / "crowns.tif"], overwrite)
     total = len(run.tiles)
     start = time.perf_counter()
     with stack, Progress(f"{run.scene.name}", total=total, enabled=None if not quiet else False) as bar:
@@ -213,8 +215,17 @@ def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, 
     outputs = {r.path.stem: str(r.path.name) for r in rasters}
     if polygons is not None:
         outputs["landcover_polygons"] = polygons.name
+    trees = None
+    if o.crowns and "canopy_height" in outputs:
+        from geodino.trees import crowns
+
+        trees = crowns(out / outputs["canopy_height"], out, overwrite=overwrite, write_report=False,
+                       progress=False if quiet else None)
+        outputs.update({k: p.name for k, p in trees.outputs.items()})
     with stage("report"):
         report = make_report(run, out, elapsed, outputs, stats)
+    if trees is not None:
+        report["trees"] = {k: v for k, v in trees.report.items() if k not in ("outputs", "canopy_height")}
     with atomic_path(out / REPORT) as tmp:
         tmp.write_text(json.dumps(report, indent=2))
     return report

@@ -43,6 +43,7 @@ class HeadMeta:
     classes: dict | None = None
     units: str | None = None
     max_height: float = 80.0
+    gsd: float | None = None  # pixel size (m) of the scene it was fitted on; None: not recorded
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
 

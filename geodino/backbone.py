@@ -15,16 +15,19 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 # Meta checkpoint conversion lives in geodino.checkpoints; these names stay importable here.
-from geodino.checkpoints import config_from_meta_state_dict, load_meta_checkpoint, meta_to_hf_state_dict  # noqa: F401
+from geodino.checkpoints import (  # noqa: F401
+    config_from_meta_state_dict,
+    load_meta_checkpoint,
+    meta_to_hf_state_dict,
+)
 from geodino.errors import ModelError
-
 
 
 @dataclass(frozen=True)

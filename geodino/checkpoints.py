@@ -10,6 +10,7 @@ shapes named. Everything is loaded with ``weights_only=True`` (no pickled code r
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict of tensors from a ``.pth`` file, refusing pickled code."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # a pickle with code, or not a checkpoint at all
+    except Exception as e:  # noqa: BLE001 (a pickle with code, or not a checkpoint at all: many types)
         raise ModelError(f"{path}: cannot be read as a weights-only PyTorch checkpoint ({e})") from None
     for wrapper in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
@@ -305,7 +306,7 @@ CHMV2_FILES = ("the CHMv2 head checkpoint (dinov3_vitl16_chmv2_dpt_head-*.pth) a
 def chmv2_head_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out, unknown = {}, []
     for key, value in state.items():
-        bare = key[len("head."):] if key.startswith("head.") else key
+        bare = key.removeprefix("head.")
         for pattern, template in _CHMV2_HEAD_KEYS:
             if re.fullmatch(pattern, bare):
                 out[re.sub(pattern, template, bare)] = value
@@ -319,12 +320,11 @@ def chmv2_head_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def chmv2_config(backbone_config, head: dict[str, torch.Tensor]):
     """A CHMv2Config for a DINOv3 ViT config and a converted head (sizes read from its shapes)."""
-    from transformers import CHMv2Config, DINOv3ViTConfig
+    from transformers import CHMv2Config
 
-    bb = DINOv3ViTConfig(**{k: v for k, v in backbone_config.to_dict().items()
-                            if k not in ("out_indices", "out_features", "stage_names", "model_type",
-                                         "transformers_version", "architectures")},
-                         out_indices=CHMV2_OUT_INDICES, apply_layernorm=True, reshape_hidden_states=True)
+    bb = copy.deepcopy(backbone_config)
+    bb.set_output_features_output_indices(out_indices=CHMV2_OUT_INDICES, out_features=None)
+    bb.apply_layernorm, bb.reshape_hidden_states = True, True
     bb.return_class_token = True  # the head's readout projection reads each layer's CLS token
     try:
         post = [int(head[f"head.reassemble_stage.layers.{i}.projection.weight"].shape[0]) for i in range(4)]

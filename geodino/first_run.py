@@ -21,7 +21,8 @@ DEMO_PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
 def _shown(path: Path) -> str:
     """A path as short as it can be written from the current directory."""
     try:
-        return os.path.relpath(path) if not os.path.relpath(path).startswith("../..") else str(path)
+        rel = os.path.relpath(path)
+        return str(path) if rel.startswith("..") else rel
     except ValueError:  # another drive on Windows
         return str(path)
 
@@ -32,7 +33,7 @@ def _profile_for(scene: str) -> str | None:
         from geodino.sensor import suggest_profile
 
         fit = suggest_profile(open_scene(scene))
-    except Exception:  # an unreadable scene fails later with its own message
+    except Exception:  # noqa: BLE001 (an unreadable scene fails later with its own message)
         return None
     return fit[0] if fit else None
 
@@ -43,18 +44,17 @@ def nothing_to_compute(scene: str | None = None, out: str | None = None) -> str:
     o = shlex.quote(str(out)) if out else "maps"
     profile = _profile_for(scene) if scene else None
     p = f" --profile {profile}" if profile else ""
-    lines = ["nothing to compute: no model was given (a canopy head, a land-cover head, a canopy model or "
-             "--embeddings). Commands that work here:"]
+    lines = [("nothing to compute: no model was given (a canopy head, a land-cover head, a canopy model or "
+              "--embeddings). Commands that work here:")]
     if DEMO_PIPELINE.exists():
         lines.append(f"  the bundled demo model (illustrative maps only): geodino run {s} --out {o} "
                      f"--pipeline {_shown(DEMO_PIPELINE)}{p}")
-    lines += [
-        "  Meta's canopy-height model (gated: hf download facebook/dinov3-vitl16-chmv2-dpt-head --local-dir ./chmv2 "
-        "and facebook/dinov3-vitl16-pretrain-sat493m --local-dir ./vitl16-sat once): "
-        f"geodino run {s} --out {o} --canopy-model ./chmv2 --backbone ./vitl16-sat{p}",
-        f"  a head of your own: geodino fit canopy --scene {s} --labels HEIGHTS.tif --backbone ./vitl16-sat "
-        f"--out heads/canopy, then geodino run {s} --out {o} --backbone ./vitl16-sat --canopy-head heads/canopy{p}",
-        f"  embeddings only: geodino run {s} --out {o} --embeddings --backbone ./vitl16-sat{p} "
-        f"(the default backbone, {DEFAULT_BACKBONE}, needs the same gated download)",
-    ]
+    lines.append("  Meta's canopy-height model (gated: hf download facebook/dinov3-vitl16-chmv2-dpt-head --local-dir "
+                 "./chmv2 and facebook/dinov3-vitl16-pretrain-sat493m --local-dir ./vitl16-sat once): "
+                 f"geodino run {s} --out {o} --canopy-model ./chmv2 --backbone ./vitl16-sat{p}")
+    lines.append(f"  a head of your own: geodino fit canopy --scene {s} --labels HEIGHTS.tif --backbone ./vitl16-sat "
+                 f"--out heads/canopy, then geodino run {s} --out {o} --backbone ./vitl16-sat "
+                 f"--canopy-head heads/canopy{p}")
+    lines.append(f"  embeddings only: geodino run {s} --out {o} --embeddings --backbone ./vitl16-sat{p} "
+                 f"(the default backbone, {DEFAULT_BACKBONE}, needs the same gated download)")
     return "\n".join(lines)

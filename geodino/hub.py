@@ -13,7 +13,8 @@ import os
 import threading
 import urllib.error
 import urllib.request
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from geodino.errors import ModelError
 
@@ -54,7 +55,7 @@ def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
             answer.append(True)
         except urllib.error.HTTPError:  # it answered, even if with an error status
             answer.append(True)
-        except Exception:
+        except Exception:  # noqa: BLE001 (DNS, TLS, socket, timeout: all mean "not reachable")
             answer.append(False)
 
     thread = threading.Thread(target=probe, daemon=True)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 log = logging.getLogger("geodino")
 
@@ -67,9 +67,15 @@ def gsd_warnings(scene_gsd: float | None, fitted: Mapping[str, float | None]) ->
     for what, gsd in fitted.items():
         if gsd and max(scene_gsd / gsd, gsd / scene_gsd) > GSD_TOLERANCE:
             apart.setdefault(float(gsd), []).append(what)
-    return [f"warning: the scene has {scene_gsd:g} m pixels, the {' and the '.join(whats)} "
+    return [f"warning: the scene has {scene_gsd:.3g} m pixels, the {' and the '.join(whats)} "
             f"{'was' if len(whats) == 1 else 'were'} fitted at {gsd:g} m (more than {GSD_TOLERANCE:g}x apart): "
-            f"resample with --target-gsd {gsd:g}" for gsd, whats in apart.items()]
+            f"resample with --target-gsd {gsd:g}" + _coarse_note(scene_gsd / gsd) for gsd, whats in apart.items()]
+
+
+def _coarse_note(ratio: float) -> str:
+    if ratio <= 10:
+        return ""
+    return f" (upsampling {ratio:.0f}x adds no detail: imagery this coarse needs a model fitted at its pixel size)"
 
 
 def scene_gsd(scene) -> float | None:
@@ -79,7 +85,8 @@ def scene_gsd(scene) -> float | None:
 
 def check_model_fit(scene, backbone: str, heads: Mapping[str, object], canopy_model: str | None) -> list[str]:
     """Log (and return) the warnings for this scene and these models."""
-    fitted = {f"{task} head": getattr(head.meta, "gsd", None) for task, head in heads.items()}
+    fitted = {f"{'land-cover' if task == 'landcover' else task} head": getattr(head.meta, "gsd", None)
+              for task, head in heads.items()}
     if canopy_model:
         fitted["canopy model (CHMv2, SAT imagery)"] = SAT_GSD
     messages = [m for m in [demo_warning(backbone, scene.paths)] if m]

@@ -11,7 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from geodino.backbone import load_backbone
-from geodino.checkpoints import (config_from_meta_state_dict, load_meta_checkpoint, meta_to_hf_state_dict)
+from geodino.checkpoints import (
+    config_from_meta_state_dict,
+    load_meta_checkpoint,
+    meta_to_hf_state_dict,
+)
 from geodino.errors import ModelError
 
 # Meta's hub definitions (dinov3/hub/backbones.py), restated here independently of geodino:
@@ -116,7 +120,7 @@ def _rotate_half(x):
 
 def reference_forward(s, x, heads, gated, eps=1e-5):
     """DINOv3 ViT last_hidden_state from Meta's state dict, written out by hand."""
-    b, _, hh, ww = x.shape
+    b = x.shape[0]
     dim = s["cls_token"].shape[-1]
     hd = dim // heads
     patches = F.conv2d(x, s["patch_embed.proj.weight"], s["patch_embed.proj.bias"], stride=16)
@@ -210,3 +214,78 @@ def test_convnext_checkpoint_round_trip(tmp_path):
         torch.testing.assert_close(bb.model(pixel_values=x).last_hidden_state,
                                    ref(pixel_values=x).last_hidden_state, rtol=1e-5, atol=1e-5)
     assert bb(x).patches.shape == (1, 40, 2, 3)
+
+
+# --------------------------------------------------------------------------------------
+# CHMv2: Meta's head .pth + the SAT ViT-L -> transformers CHMv2ForDepthEstimation
+
+_HEAD_TO_META = [  # transformers key -> Meta's DPT head key (the inverse, written here)
+    (r"head\.reassemble_stage\.layers\.(\d+)\.projection\.", r"reassemble_blocks.projects.\1.conv."),
+    (r"head\.reassemble_stage\.layers\.(\d+)\.resize\.", r"reassemble_blocks.resize_layers.\1."),
+    (r"head\.reassemble_stage\.readout_projects\.", r"reassemble_blocks.readout_projects."),
+    (r"head\.convs\.(\d+)\.weight", r"convs.\1.conv.weight"),
+    (r"head\.fusion_layers\.(\d+)\.residual_layer(\d)\.convolution(\d)\.", r"fusion_blocks.\1.res_conv_unit\2.conv\3.conv."),
+    (r"head\.fusion_layers\.(\d+)\.projection\.", r"fusion_blocks.\1.project.conv."),
+    (r"head\.conv_depth\.", r"conv_depth."),
+]
+
+
+@pytest.fixture(scope="module")
+def small_chmv2():
+    """A CHMv2 with the released layout (24 blocks read at 6/12/18/24, no key bias), narrow and random."""
+    from transformers import CHMv2Config, CHMv2ForDepthEstimation, DINOv3ViTConfig
+
+    torch.manual_seed(0)
+    bb = DINOv3ViTConfig(hidden_size=64, num_hidden_layers=24, num_attention_heads=1, intermediate_size=128,
+                         num_register_tokens=4, key_bias=False, layer_norm_eps=1e-5, out_indices=[6, 12, 18, 24],
+                         apply_layernorm=True, reshape_hidden_states=True)
+    bb.return_class_token = True
+    config = CHMv2Config(backbone_config=bb, post_process_channels=[16, 32, 64, 64], fusion_hidden_size=32,
+                         head_hidden_size=16, number_output_channels=64)
+    return CHMv2ForDepthEstimation(config).eval()
+
+
+def test_chmv2_head_pth_with_sat_backbone_loads_into_transformers(small_chmv2, tmp_path):
+    from transformers import DINOv3ViTModel
+
+    from geodino.predict import load_chmv2
+
+    state = small_chmv2.state_dict()
+    # the backbone as a user's transformers folder of the SAT ViT-L (Meta's .pth goes the same way)
+    vit = DINOv3ViTModel(small_chmv2.config.backbone_config)
+    vit.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
+    vit.save_pretrained(tmp_path / "vitl16-sat")
+    head = {}
+    for key, value in state.items():
+        if key.startswith("head."):
+            for pattern, template in _HEAD_TO_META:
+                if re.match(pattern, key):
+                    head[re.sub(pattern, template, key)] = value
+                    break
+            else:
+                raise AssertionError(key)
+    assert "fusion_blocks.1.res_conv_unit1.conv1.conv.weight" in head
+    torch.save(head, tmp_path / "dinov3_vitl16_chmv2_dpt_head.pth")
+
+    model = load_chmv2(str(tmp_path / "dinov3_vitl16_chmv2_dpt_head.pth"), "cpu", backbone=str(tmp_path / "vitl16-sat"))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(pixel_values=x).predicted_depth, small_chmv2(pixel_values=x).predicted_depth,
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ModelError, match=r"needs its backbone.*dinov3_vitl16_pretrain_sat493m.*--backbone"):
+        load_chmv2(str(tmp_path / "dinov3_vitl16_chmv2_dpt_head.pth"), "cpu")
+    with pytest.raises(ModelError, match="CHMv2 canopy-height head, not a backbone"):
+        load_backbone(tmp_path / "dinov3_vitl16_chmv2_dpt_head.pth")
+
+
+def test_chmv2_input_uses_its_own_normalisation():
+    from geodino.predict import CanopyModel
+    from geodino.sensor import CHMV2_STATS, FAMILY_STATS
+
+    assert CHMV2_STATS == ((0.420, 0.411, 0.296), (0.213, 0.156, 0.143))
+    value = torch.tensor([0.7, 0.2, 0.5])[:, None, None]  # one pixel after scaling to [0, 1]
+    for family, (mean, std) in FAMILY_STATS.items():
+        fed = (value - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+        want = (value - torch.tensor(CHMV2_STATS[0])[:, None, None]) / torch.tensor(CHMV2_STATS[1])[:, None, None]
+        got = CanopyModel(torch.nn.Identity(), family).restandardise(fed[None])[0]
+        torch.testing.assert_close(got, want)

@@ -14,7 +14,13 @@ from rasterio.transform import from_origin
 import geodino
 from geodino.cli import main
 from geodino.errors import ModelError
-from geodino.model_checks import SAMPLE_SCENE, demo_warning, gsd_warnings, is_bundled_sample, is_demo_model
+from geodino.model_checks import (
+    SAMPLE_SCENE,
+    demo_warning,
+    gsd_warnings,
+    is_bundled_sample,
+    is_demo_model,
+)
 from tests.conftest import REPO
 from tests.helpers import random_image, write_raster
 

@@ -108,10 +108,8 @@ _VIT_DROP = re.compile(r"rope_embed\.periods|.*\.qkv\.bias_mask|local_cls_norm\.
 def meta_to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename an original DINOv3 ViT state dict to the transformers DINOv3ViTModel layout."""
     out: dict[str, torch.Tensor] = {}
-    unknown = []
+    rest = {}
     for key, value in state.items():
-        if _VIT_DROP.fullmatch(key):
-            continue
         m = re.fullmatch(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", key)
         if m:
             i, kind = m.groups()
@@ -120,15 +118,23 @@ def meta_to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
             out[f"model.layer.{i}.attention.v_proj.{kind}"] = v
             if kind == "weight":  # the key bias is masked to zero in Meta's model
                 out[f"model.layer.{i}.attention.k_proj.weight"] = k
-            continue
-        for pattern, template in _VIT_KEYS:
+        elif not _VIT_DROP.fullmatch(key):
+            rest[key] = value.reshape(1, 1, -1) if key == "mask_token" else value
+    return out | _rename(rest, _VIT_KEYS, "the Meta checkpoint")
+
+
+def _rename(state: dict[str, torch.Tensor], patterns, what: str) -> dict[str, torch.Tensor]:
+    """Keys renamed by the first (pattern, template) that matches; an unknown key is an error."""
+    out, unknown = {}, []
+    for key, value in state.items():
+        for pattern, template in patterns:
             if re.fullmatch(pattern, key):
-                out[re.sub(pattern, template, key)] = value.reshape(1, 1, -1) if key == "mask_token" else value
+                out[re.sub(pattern, template, key)] = value
                 break
         else:
             unknown.append(key)
     if unknown:
-        raise ModelError(f"unrecognised keys in the Meta checkpoint: {', '.join(unknown[:8])}")
+        raise ModelError(f"unrecognised keys in {what}: {', '.join(unknown[:8])}")
     return out
 
 
@@ -245,19 +251,8 @@ def convnext_config_from_state(state: dict[str, torch.Tensor]):
 
 
 def convnext_to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out, unknown = {}, []
-    for key, value in state.items():
-        if _CONVNEXT_DROP.fullmatch(key):
-            continue
-        for pattern, template in _CONVNEXT_KEYS:
-            if re.fullmatch(pattern, key):
-                out[re.sub(pattern, template, key)] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ModelError(f"unrecognised keys in the Meta ConvNeXt checkpoint: {', '.join(unknown[:8])}")
-    return out
+    kept = {k: v for k, v in state.items() if not _CONVNEXT_DROP.fullmatch(k)}
+    return _rename(kept, _CONVNEXT_KEYS, "the Meta ConvNeXt checkpoint")
 
 
 def convnext_from_state(state: dict[str, torch.Tensor], path="checkpoint"):
@@ -304,18 +299,9 @@ CHMV2_FILES = ("the CHMv2 head checkpoint (dinov3_vitl16_chmv2_dpt_head-*.pth) a
 
 
 def chmv2_head_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out, unknown = {}, []
-    for key, value in state.items():
-        bare = key.removeprefix("head.")
-        for pattern, template in _CHMV2_HEAD_KEYS:
-            if re.fullmatch(pattern, bare):
-                out[re.sub(pattern, template, bare)] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ModelError(f"unrecognised keys in the CHMv2 head checkpoint: {', '.join(unknown[:8])}")
-    return out
+    # full-model checkpoints prefix the head's keys with "head.", head-only ones do not
+    return _rename({k.removeprefix("head."): v for k, v in state.items()}, _CHMV2_HEAD_KEYS,
+                   "the CHMv2 head checkpoint")
 
 
 def chmv2_config(backbone_config, head: dict[str, torch.Tensor]):

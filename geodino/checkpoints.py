@@ -55,7 +55,12 @@ RELEASED_VITS: tuple[ViTVariant, ...] = (
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict of tensors from a ``.pth`` file, refusing pickled code."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:  # memory-mapped: a 7B checkpoint is not read into RAM twice
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as e:  # noqa: BLE001 (a pickle with code, or not a checkpoint at all: many types)
         raise ModelError(f"{path}: cannot be read as a weights-only PyTorch checkpoint ({e})") from None
     for wrapper in ("model", "state_dict"):

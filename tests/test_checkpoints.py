@@ -289,3 +289,11 @@ def test_chmv2_input_uses_its_own_normalisation():
         want = (value - torch.tensor(CHMV2_STATS[0])[:, None, None]) / torch.tensor(CHMV2_STATS[1])[:, None, None]
         got = CanopyModel(torch.nn.Identity(), family).restandardise(fed[None])[0]
         torch.testing.assert_close(got, want)
+
+
+def test_legacy_format_checkpoint_is_read_too(tmp_path):
+    from geodino.checkpoints import load_state_dict
+
+    path = tmp_path / "old.pth"
+    torch.save({"model": {"w": torch.arange(3.0)}}, path, _use_new_zipfile_serialization=False)  # no mmap possible
+    assert torch.equal(load_state_dict(path)["w"], torch.arange(3.0))

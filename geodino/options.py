@@ -10,7 +10,6 @@ import rasterio
 from geodino.errors import ConfigError
 from geodino.tiling import WindowSpec
 
-
 # The documented default backbone (`run --help` and `features --help` show it).
 DEFAULT_BACKBONE = "facebook/dinov3-vitl16-pretrain-sat493m"
 

@@ -13,14 +13,24 @@ import typer
 from rich.console import Console
 
 from geodino.errors import GeodinoError
+from geodino.options import DEFAULT_BACKBONE
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Georeferenced canopy-height, land-cover and embedding maps with a frozen DINOv3 backbone.")
 err = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        import geodino
+
+        typer.echo(f"geodino {geodino.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the geodino version and exit")) -> None:
     """Georeferenced canopy-height, land-cover and embedding maps with a frozen DINOv3 backbone."""
 
 
@@ -59,6 +69,18 @@ def _bands(value: Optional[str]):
     return [b.strip() for b in value.split(",")] if value else None
 
 
+def _default(option: str) -> str:
+    """A run option's default as --help shows it (the options are None so a pipeline YAML can set them)."""
+    from geodino.options import RunOptions
+
+    value = getattr(RunOptions(), option)
+    if option == "profile" and value is None:
+        return "the heads' profile, else auto"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return "none" if value is None else str(value)
+
+
 def _expand(scenes: list[str]) -> list[str]:
     """Scenes as given, with glob patterns expanded (quoted globs, or a shell without globbing)."""
     import glob
@@ -80,27 +102,27 @@ def run(
     scenes: list[str] = typer.Argument(..., help="Scene files or glob patterns; each is processed on its own"),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (one subfolder per scene when several)"),
     pipeline: Optional[Path] = typer.Option(None, help="Pipeline YAML (pipelines/*.yaml); options below override it"),
-    backbone: Optional[str] = typer.Option(None, help="DINOv3 hub id, short name, local folder or Meta .pth"),
-    canopy_head: Optional[str] = typer.Option(None, help="Canopy-height head folder"),
-    landcover_head: Optional[str] = typer.Option(None, help="Land-cover head folder"),
-    canopy_model: Optional[str] = typer.Option(None, help="CHMv2 canopy model (folder or hub id) instead of a head"),
-    profile: Optional[str] = typer.Option(None, help="Sensor profile: rgb8, naip, sentinel2-l2a, landsat-c2-l2, reflectance, auto"),
-    bands: Optional[str] = typer.Option(None, help="Comma-separated R,G,B bands by index or description"),
-    window: Optional[int] = typer.Option(None, help="Window size in pixels (multiple of 16)"),
-    overlap: Optional[int] = typer.Option(None, help="Window overlap in pixels (multiple of 16)"),
-    batch_size: Optional[int] = typer.Option(None, help="Windows per model call"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda or auto"),
-    embeddings: Optional[bool] = typer.Option(None, "--embeddings/--no-embeddings", help="Also write the embedding raster"),
-    probabilities: Optional[bool] = typer.Option(None, "--probabilities/--no-probabilities", help="Also write class probabilities"),
-    scheduler: Optional[str] = typer.Option(None, help="threads, local (a LocalCluster) or a scheduler address"),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the backbone"),
-    target_gsd: Optional[float] = typer.Option(None, help="Resample to this pixel size in metres (e.g. 0.6 for SAT)"),
-    polygons: Optional[bool] = typer.Option(None, "--polygons/--no-polygons", help="Write land-cover polygons"),
-    min_polygon_area: Optional[float] = typer.Option(None, help="Drop polygons smaller than this (m²)"),
-    chunks: Optional[int] = typer.Option(None, help="Output block size in pixels, rounded down to whole window strides (memory/parallelism only)"),
-    workers: Optional[int] = typer.Option(None, help="Threads per process for reading, blending and writing (default 0: one per CPU core)"),
-    processes: Optional[int] = typer.Option(None, help="Worker processes with --scheduler local (default 1)"),
-    crowns: Optional[bool] = typer.Option(None, "--crowns/--no-crowns", help="Also find individual trees in the canopy map (trees.gpkg, crowns.tif)"),
+    backbone: Optional[str] = typer.Option(None, help="DINOv3 hub id, short name, local folder or Meta .pth", show_default=_default("backbone")),
+    canopy_head: Optional[str] = typer.Option(None, help="Canopy-height head folder", show_default=_default("canopy_head")),
+    landcover_head: Optional[str] = typer.Option(None, help="Land-cover head folder", show_default=_default("landcover_head")),
+    canopy_model: Optional[str] = typer.Option(None, help="CHMv2 canopy model instead of a head: transformers folder, hub id, or Meta's head .pth (with the SAT ViT-L as --backbone)", show_default=_default("canopy_model")),
+    profile: Optional[str] = typer.Option(None, help="Sensor profile: rgb8, naip, sentinel2-l2a, landsat-c2-l2, reflectance, auto", show_default=_default("profile")),
+    bands: Optional[str] = typer.Option(None, help="Comma-separated R,G,B bands by index or description", show_default=_default("bands")),
+    window: Optional[int] = typer.Option(None, help="Window size in pixels (multiple of 16)", show_default=_default("window")),
+    overlap: Optional[int] = typer.Option(None, help="Window overlap in pixels (multiple of 16)", show_default=_default("overlap")),
+    batch_size: Optional[int] = typer.Option(None, help="Windows per model call", show_default=_default("batch_size")),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or auto", show_default=_default("device")),
+    embeddings: Optional[bool] = typer.Option(None, "--embeddings/--no-embeddings", help="Also write the embedding raster (of --backbone)", show_default=_default("embeddings")),
+    probabilities: Optional[bool] = typer.Option(None, "--probabilities/--no-probabilities", help="Also write class probabilities", show_default=_default("probabilities")),
+    scheduler: Optional[str] = typer.Option(None, help="threads, local (a LocalCluster) or a scheduler address", show_default=_default("scheduler")),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the backbone", show_default=_default("compile")),
+    target_gsd: Optional[float] = typer.Option(None, help="Resample to this pixel size in metres (e.g. 0.6 for SAT)", show_default=_default("target_gsd")),
+    polygons: Optional[bool] = typer.Option(None, "--polygons/--no-polygons", help="Write land-cover polygons", show_default=_default("polygons")),
+    min_polygon_area: Optional[float] = typer.Option(None, help="Drop polygons smaller than this (m²)", show_default=_default("min_polygon_area")),
+    chunks: Optional[int] = typer.Option(None, help="Output block size in pixels, rounded down to whole window strides (memory/parallelism only)", show_default=_default("chunks")),
+    workers: Optional[int] = typer.Option(None, help="Threads per process for reading, blending and writing (0: one per CPU core)", show_default=_default("workers")),
+    processes: Optional[int] = typer.Option(None, help="Worker processes with --scheduler local", show_default=_default("processes")),
+    crowns: Optional[bool] = typer.Option(None, "--crowns/--no-crowns", help="Also find individual trees in the canopy map (trees.gpkg, crowns.tif)", show_default=_default("crowns")),
     overwrite: bool = typer.Option(False, help="Recompute and replace finished outputs"),
 ) -> None:
     """Map canopy height and land cover (and embeddings) for one or many scenes."""
@@ -117,16 +139,22 @@ def run(
     for key, value in overrides.items():
         if value is not None:
             setattr(options, key, value)
-    reports = run_scenes(_expand(scenes), out, options, overwrite=overwrite, log=lambda m: err.print(m, highlight=False))
+    scenes = _expand(scenes)
+    options.validate(scene=scenes[0] if len(scenes) == 1 else None, out=str(out))
+    reports = run_scenes(scenes, out, options, overwrite=overwrite, log=lambda m: err.print(m, highlight=False))
     for r in reports:
         typer.echo(f"{r['scene'][0]}: {r['windows']} windows, {r['seconds']} s, {r['windows_per_second']} windows/s")
 
 
 @app.command()
 def features(
-    scene: list[str] = typer.Argument(..., help="Scene file(s): several are mosaicked"),
-    backbone: str = typer.Option(..., help="DINOv3 hub id, short name, local folder or Meta .pth"),
+    scene: list[str] = typer.Argument(..., help="Scene file(s) or glob patterns; each is processed on its own "
+                                      "(into OUT/<name>/ when several) unless --mosaic"),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder"),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, help="DINOv3 hub id, short name, local folder or Meta .pth "
+                                 "(the same default as geodino run)"),
+    mosaic: bool = typer.Option(False, "--mosaic", help="Mosaic several files into one scene (tiles of one date; "
+                                "never two dates of one place)"),
     profile: str = typer.Option("auto", help="Sensor profile"),
     bands: Optional[str] = typer.Option(None, help="Comma-separated R,G,B bands by index or description"),
     window: int = typer.Option(512, help="Window size in pixels"),
@@ -137,20 +165,14 @@ def features(
     overwrite: bool = typer.Option(False, help="Replace existing outputs"),
 ) -> None:
     """Per-patch DINOv3 embeddings as a georeferenced raster, plus a 3-band PCA picture."""
-    from geodino.features import pca_picture
-    from geodino.pipeline import RunOptions, build_run, write_scene
+    from geodino.features import write_features
+    from geodino.pipeline import RunOptions
 
     options = RunOptions(backbone=backbone, profile=profile, bands=_bands(bands), window=window, overlap=overlap,
                          batch_size=batch_size, device=device, embeddings=True, embeddings_dtype=dtype,
                          polygons=False)
-    from geodino.export import check_writable
-
-    check_writable([out / "embeddings.tif", out / "embeddings_pca.tif"], overwrite)
-    run = build_run(scene, options)
-    write_scene(run, out, overwrite=overwrite)
-    pca_picture(out / "embeddings.tif", out / "embeddings_pca.tif", overwrite=overwrite)
-    typer.echo(str(out / "embeddings.tif"))
-    typer.echo(str(out / "embeddings_pca.tif"))
+    for path in write_features(_expand(scene), out, options, mosaic=mosaic, overwrite=overwrite):
+        typer.echo(str(path))
 
 
 @app.command()

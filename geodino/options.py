@@ -10,12 +10,15 @@ import rasterio
 from geodino.errors import ConfigError
 from geodino.tiling import WindowSpec
 
+# The documented default backbone (`run --help` and `features --help` show it).
+DEFAULT_BACKBONE = "facebook/dinov3-vitl16-pretrain-sat493m"
+
 
 @dataclass
 class RunOptions:
     """Everything a run needs besides the scene; also the schema of pipeline YAML files."""
 
-    backbone: str = "facebook/dinov3-vitl16-pretrain-sat493m"
+    backbone: str = DEFAULT_BACKBONE
     canopy_head: str | None = None
     landcover_head: str | None = None
     canopy_model: str | None = None
@@ -52,7 +55,7 @@ class RunOptions:
         out.validate()
         return out
 
-    def validate(self) -> None:
+    def validate(self, scene: str | None = None, out: str | None = None) -> None:
         WindowSpec(self.window, self.overlap)
         if self.batch_size < 0:
             raise ConfigError("batch_size must be at least 1 (or 0 to choose it from free GPU memory)")
@@ -70,8 +73,9 @@ class RunOptions:
         if self.crowns and not (self.canopy_head or self.canopy_model):
             raise ConfigError("crowns are found in the canopy-height map: give a canopy head or a canopy model")
         if not (self.canopy_head or self.landcover_head or self.canopy_model or self.embeddings):
-            raise ConfigError("nothing to compute: give a canopy head, a land-cover head, a canopy model "
-                              "or ask for embeddings")
+            from geodino.first_run import nothing_to_compute
+
+            raise ConfigError(nothing_to_compute(scene, out))
 
 
 def _float16_supported() -> bool:

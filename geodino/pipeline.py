@@ -26,6 +26,7 @@ import geodino
 from geodino.classes import ClassTable
 from geodino.errors import ConfigError
 from geodino.export import RasterOutput, atomic_path, check_writable, polygonize, write_rasters
+from geodino.model_checks import check_model_fit, is_demo_model
 from geodino.options import RunOptions, load_pipeline
 from geodino.predict import ModelBundle, auto_batch_size
 from geodino.progress import Progress
@@ -74,6 +75,7 @@ def build_run(scene_paths, options: RunOptions, progress=None) -> SceneRun:
     profile = options.profile or _profile_of(bundle) or "auto"
     scene, norm = prepare(scene, profile, bundle.family_name, options.bands)
     require_valid_pixels(scene)
+    check_model_fit(scene, options.backbone, bundle.load()[1], options.canopy_model)
     spec = WindowSpec(options.window, options.overlap)
     tiles = window_grid(scene.grid.height, scene.grid.width, spec)
     hooks = [progress] if progress is not None else []
@@ -159,7 +161,20 @@ def _provenance(run: SceneRun) -> dict:
     return {"geodino_version": geodino.__version__, "backbone": o.backbone,
             "canopy_head": o.canopy_head or o.canopy_model or "", "landcover_head": o.landcover_head or "",
             "window": o.window, "overlap": o.overlap, "sensor_profile": run.normalisation.profile,
-            "normalisation": json.dumps(run.normalisation.to_dict())}
+            "normalisation": json.dumps(run.normalisation.to_dict()), **_model_tags(run)}
+
+
+def _model_tags(run: SceneRun) -> dict:
+    """What a reader of the file must know about the models: demo or real, CHMv2's own input."""
+    tags = {"demo_model": "true" if is_demo_model(run.options.backbone) else "false"}
+    chm = run.bundle.load()[2]
+    if chm is not None:
+        from geodino.sensor import CHMV2_STATS
+
+        tags["canopy_model_normalisation"] = json.dumps({"mean": list(CHMV2_STATS[0]), "std": list(CHMV2_STATS[1]),
+                                                         "restandardised_from": chm.input_family})
+        tags["canopy_model_precision"] = chm.precision
+    return tags
 
 
 def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, quiet: bool = False) -> dict:

@@ -72,13 +72,25 @@ class ModelBundle:
         # the same bytes as a local one.
         if self.device in (None, "auto") or torch.device(self.device).type == "cpu":
             torch.set_num_threads(int(os.environ.get("GEODINO_TORCH_THREADS", os.cpu_count() or 1)))
+        # a hub or folder canopy model loads first, so that its own message (and flag) comes first
+        meta_head = bool(self.canopy_model) and Path(self.canopy_model).is_file()
+        chm_model = None
+        if self.canopy_model and not meta_head:
+            from geodino.backbone import pick_device
+
+            chm_model = load_chmv2(self.canopy_model, pick_device(self.device))
         backbone = load_backbone(self.backbone, self.device, layers=self.layers, family=self.family,
                                  compile=self.compile)
         heads = {}
         for task, path in (("canopy", self.canopy_head), ("landcover", self.landcover_head)):
             if path:
                 heads[task] = load_head(path, backbone=backbone).to(backbone.device)
-        chm = load_chmv2(self.canopy_model, backbone.device) if self.canopy_model else None
+        chm = None
+        if self.canopy_model:
+            if meta_head:
+                chm_model = load_chmv2(self.canopy_model, backbone.device, self.backbone)
+            chm = CanopyModel(chm_model, backbone.info.family,
+                              CHMV2_CUDA_PRECISION if backbone.device.type == "cuda" else "float32")
         return backbone, heads, chm
 
     def outputs(self) -> dict[str, OutputSpec]:
@@ -143,34 +155,94 @@ def _landcover_scale(backbone) -> int:
     return PATCH if backbone.patch_size == PATCH else 1
 
 
-def load_chmv2(name: str, device):
-    """Meta's canopy-height model (SAT ViT-L + DPT head) through transformers."""
+def load_chmv2(name: str, device, backbone: str | None = None):
+    """Meta's canopy-height model (SAT ViT-L + DPT head) as a transformers CHMv2ForDepthEstimation.
+
+    ``name``: a transformers folder, the hub id, or Meta's CHMv2 head ``.pth``; the latter
+    needs the SAT ViT-L as ``backbone`` (Meta's ``.pth`` or a transformers folder).
+    """
     from transformers import CHMv2ForDepthEstimation
+    from transformers.utils import logging as hf_logging
 
+    from geodino.checkpoints import CHMV2_FILES, chmv2_from_meta
     from geodino.errors import ModelError
+    from geodino.hub import load_from_hub
 
-    local = Path(name).exists()
-    try:
-        model = CHMv2ForDepthEstimation.from_pretrained(name, local_files_only=True if local else None)
-    except (OSError, ValueError) as e:
-        from geodino.backbone import GATED_HELP
+    hf_logging.disable_progress_bar()
+    path = Path(name).expanduser()
+    if path.is_file():
+        if not backbone:
+            raise ModelError(f"{name}: a CHMv2 head checkpoint needs its backbone; geodino needs {CHMV2_FILES}")
+        from geodino.backbone import load_backbone
 
-        raise ModelError(f"cannot load canopy model {name} ({str(e).splitlines()[0]}). "
-                         + GATED_HELP.format(hub_id=name, short=name.split('/')[-1])) from None
+        model = chmv2_from_meta(path, load_backbone(backbone, "cpu").model)
+    else:
+        def load(offline: bool):
+            return CHMv2ForDepthEstimation.from_pretrained(str(path) if path.exists() else name,
+                                                           local_files_only=offline)
+
+        if path.exists():
+            try:
+                model = load(True)
+            except (OSError, ValueError) as e:
+                raise ModelError(f"{name}: cannot load the canopy model folder ({str(e).splitlines()[0]}); "
+                                 f"geodino needs {CHMV2_FILES}") from None
+        elif "/" in name and not name.startswith((".", "/")):
+            model = load_from_hub(name, load, flag="canopy-model", what="canopy model")
+        else:
+            raise ModelError(f"{name}: no such file or folder, and not a hub id; geodino needs {CHMV2_FILES}")
+    if getattr(model.config, "model_type", "") != "chmv2":
+        raise ModelError(f"{name} is not a CHMv2 canopy model (model_type {model.config.model_type!r})")
     model.to(device).eval().requires_grad_(False)
     return model
 
 
+@dataclass
+class CanopyModel:
+    """A loaded CHMv2 with what it needs to see its own input normalisation.
+
+    The window arrives standardised with the backbone family's statistics (``input_family``);
+    CHMv2 was trained with its own mean and std, so the input is re-standardised exactly
+    (both are affine in the [0, 1] value) before the model runs.
+    """
+
+    model: torch.nn.Module
+    input_family: str = "sat"
+    precision: str = "float32"  # on CUDA: chosen by measurement, see CHMV2_CUDA_PRECISION
+
+    def restandardise(self, x: torch.Tensor) -> torch.Tensor:
+        from geodino.sensor import CHMV2_STATS, FAMILY_STATS
+
+        (m0, s0), (m1, s1) = FAMILY_STATS[self.input_family], CHMV2_STATS
+        scale = torch.tensor([a / b for a, b in zip(s0, s1)], dtype=torch.float32, device=x.device)[:, None, None]
+        shift = torch.tensor([(a - b) / c for a, b, c in zip(m0, m1, s1)], dtype=torch.float32,
+                             device=x.device)[:, None, None]
+        return x.float() * scale + shift
+
+
+# CHMv2 on CUDA runs in float32: measured on a random-weight CHMv2 under CPU bf16 autocast
+# (bench/chmv2_precision.py), heights differ from fp32 by a median ~1e-2 relative and up to
+# metres at the tallest pixels, well above the 1e-5 that fp32 keeps (see BENCHMARKS.md).
+CHMV2_CUDA_PRECISION = "float32"
+
+
 def run_chmv2(model, x: torch.Tensor, size) -> torch.Tensor:
-    """Canopy height (B, 1, H, W) in metres from a CHMv2 model."""
+    """Canopy height (B, 1, H, W) in metres from a CHMv2 model (or a :class:`CanopyModel`)."""
     import torch.nn.functional as F
 
-    out = model(pixel_values=x).predicted_depth
+    if isinstance(model, CanopyModel):
+        x = model.restandardise(x)
+        bf16 = model.precision == "bfloat16" and x.device.type == "cuda"
+        model = model.model
+    else:
+        bf16 = False
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = model(pixel_values=x.float()).predicted_depth
     if out.ndim == 3:
         out = out[:, None]
     if tuple(out.shape[-2:]) != tuple(size):
         out = F.interpolate(out.float(), size=size, mode="bilinear", align_corners=False)
-    return out.clamp_min(0)
+    return out.float().clamp_min(0)
 
 
 def auto_batch_size(bundle: ModelBundle, window: int, fraction: float = 0.6) -> int:

@@ -390,7 +390,7 @@ def fit(cfg: FitConfig, *, backbone=None, progress: bool = True) -> FitResult:
                     backbone_layers=list(backbone.layers), patch_size=backbone.patch_size, profile=norm.profile,
                     family=backbone.info.family, window=cfg.window, overlap=64 if cfg.window > 128 else 32,
                     hidden=cfg.hidden, classes=classes.to_dict() if classes else None,
-                    units="m" if cfg.task == "canopy" else None)
+                    units="m" if cfg.task == "canopy" else None, gsd=_pixel_size(scene))
     head = build_head(meta).to(backbone.device)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
@@ -433,6 +433,12 @@ def fit(cfg: FitConfig, *, backbone=None, progress: bool = True) -> FitResult:
     meta.metrics = {"validation": metrics, "baseline": baseline}
     out = save_head(head, cfg.out)
     return FitResult(out, metrics, baseline, len(train_idx), len(val_idx), calls[0], history)
+
+
+def _pixel_size(scene) -> float | None:
+    """The scene's pixel size in metres (None in a geographic CRS, which has no metre pixels)."""
+    grid = scene.grid
+    return round(float(abs(grid.res[0])), 6) if grid.crs is not None and grid.crs.is_projected else None
 
 
 class _CountingBackbone:

@@ -234,6 +234,9 @@ def test_chmv2_canopy_model_through_the_pipeline(tmp_path):
         chm_m = d.read(1)
         valid = src.dataset_mask() > 0
         assert d.tags()["canopy_head"] == str(chm) and d.units == ("m",)
+        # CHMv2's own input normalisation and its precision are recorded with the map
+        assert json.loads(d.tags()["canopy_model_normalisation"])["mean"] == [0.42, 0.411, 0.296]
+        assert d.tags()["canopy_model_precision"] == "float32"
     np.testing.assert_array_equal(np.isnan(chm_m), ~valid)
     assert (chm_m[valid] >= 0).all() and chm_m[valid].std() > 0
     assert reports[0]["models"]["canopy_model"] == str(chm)

@@ -100,6 +100,10 @@ def run(
     chunks: Optional[int] = typer.Option(None, help="Output block size in pixels, rounded down to whole window strides (memory/parallelism only)"),
     workers: Optional[int] = typer.Option(None, help="Threads for reading, blending and writing"),
     overwrite: bool = typer.Option(False, help="Recompute and replace finished outputs"),
+    keep_going: bool = typer.Option(False, "--keep-going", help="Run the other scenes when one fails; "
+                                    "print a summary table and exit non-zero if any failed"),
+    force: bool = typer.Option(False, "--force", help="Allow a --target-gsd that grows the processing grid "
+                               "more than 16x in pixels"),
 ) -> None:
     """Map canopy height and land cover (and embeddings) for one or many scenes."""
     from geodino.options import RunOptions, load_pipeline
@@ -114,9 +118,11 @@ def run(
     for key, value in overrides.items():
         if value is not None:
             setattr(options, key, value)
-    reports = run_scenes(_expand(scenes), out, options, overwrite=overwrite, log=lambda m: err.print(m, highlight=False))
-    for r in reports:
-        typer.echo(f"{r['scene'][0]}: {r['windows']} windows, {r['seconds']} s, {r['windows_per_second']} windows/s")
+    scenes = _expand(scenes)
+    reports = run_scenes(scenes, out, options, overwrite=overwrite, keep_going=keep_going, force=force,
+                         log=lambda m: err.print(m, highlight=False, soft_wrap=True))
+    for scene, r in zip(scenes, reports):
+        typer.echo(f"{scene}: {r['windows']} windows, {r['seconds']} s, {r['windows_per_second']} windows/s")
 
 
 @app.command()
@@ -247,29 +253,39 @@ def demo(
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        app(args=argv, standalone_mode=False)
-    except GeodinoError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        return e.exit_code
-    except typer.Abort:
-        err.print("aborted")
-        return 130
-    except KeyboardInterrupt:
-        err.print("interrupted; partial outputs were removed")
-        return 130
-    except Exception as e:
-        # typer's (vendored) click signals usage errors and --help through exceptions
-        if hasattr(e, "show") and hasattr(e, "exit_code"):
-            e.show()
+    """Run one command; the exit status: 0 done, 2 a user error (one line, no traceback),
+    130 interrupted (SIGINT), 143 terminated (SIGTERM), 1 a bug (with its traceback)."""
+    from geodino.runtime import exit_code_for, gdal_settings, signals_as_interrupts
+
+    with signals_as_interrupts() as signals, gdal_settings():
+        try:
+            status = app(args=argv, standalone_mode=False)
+        except GeodinoError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             return e.exit_code
-        if type(e).__name__ == "Exit":
-            return getattr(e, "exit_code", 0)
-        raise
-    return 0
+        except (typer.Abort, KeyboardInterrupt):
+            status = 130
+        except Exception as e:
+            # typer's (vendored) click signals usage errors and --help through exceptions
+            if hasattr(e, "show") and hasattr(e, "exit_code"):
+                e.show()
+                return e.exit_code
+            if type(e).__name__ == "Exit":
+                return getattr(e, "exit_code", 0)
+            raise
+    # typer turns KeyboardInterrupt into Exit(130) and, outside standalone mode, returns its code
+    if status == 130 or signals.received is not None:
+        code = exit_code_for(signals.received)
+        name = "terminated (SIGTERM)" if code == 143 else "interrupted (SIGINT)"
+        err.print(f"{name}: stopped; the scene in progress left nothing at its final paths", highlight=False)
+        return code
+    return status if isinstance(status, int) else 0
 
 
 def entry() -> None:
+    from geodino.runtime import limit_malloc_arenas
+
+    limit_malloc_arenas()  # this process is geodino's own (a library user's is not: geodino.runtime)
     sys.exit(main())
 
 

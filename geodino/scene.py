@@ -11,6 +11,7 @@ written on.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -143,8 +144,9 @@ class Scene:
             return out, valid
         inner = Window(ic0, ir0, ic1 - ic0, ir1 - ir0)
         part = out if inside else np.empty((len(self.bands), ir1 - ir0, ic1 - ic0), np.float32)
-        ds.read(self.bands, window=inner, out=part)
-        ok = self._valid(ds, window=inner)
+        with self._read_errors(f"window col {ic0}-{ic1}, row {ir0}-{ir1}"):
+            ds.read(self.bands, window=inner, out=part)
+            ok = self._valid(ds, window=inner)
         if any(np.issubdtype(np.dtype(ds.dtypes[b - 1]), np.floating) for b in self.bands):
             finite = np.isfinite(part).all(axis=0)
             if not finite.all():
@@ -154,6 +156,17 @@ class Scene:
             out[:, ir0 - r0:ir1 - r0, ic0 - c0:ic1 - c0] = part
         valid[ir0 - r0:ir1 - r0, ic0 - c0:ic1 - c0] = ok
         return out, valid
+
+    @contextlib.contextmanager
+    def _read_errors(self, where: str):
+        """A damaged tile or strip becomes an InputError that says where, so the user can
+        check or replace the file (GDAL's own message names only the block)."""
+        try:
+            yield
+        except RasterioIOError as e:
+            cause = e.__cause__ or e.__context__ or e
+            raise InputError(f"{self.paths[0]}: cannot read the pixels of {where} (the file may be damaged "
+                             f"there: {_first_line(cause)})") from None
 
     def block_cache_bytes(self, window: int) -> int:
         """GDAL block cache that the source blocks of two neighbouring windows take.
@@ -195,9 +208,10 @@ class Scene:
             return self.read(Window(0, 0, self.grid.width, self.grid.height))
         if ds.overviews(self.bands[0]):
             shape = (max(1, round(self.grid.height / scale)), max(1, round(self.grid.width / scale)))
-            data = ds.read(self.bands, out_shape=(len(self.bands),) + shape, out_dtype="float32",
-                           resampling=Resampling.nearest)
-            valid = self._valid(ds, out_shape=shape)
+            with self._read_errors(f"the overview ({shape[1]} x {shape[0]} px) of the whole scene"):
+                data = ds.read(self.bands, out_shape=(len(self.bands),) + shape, out_dtype="float32",
+                               resampling=Resampling.nearest)
+                valid = self._valid(ds, out_shape=shape)
             finite = np.isfinite(data).all(axis=0)
             return np.where(finite[None], data, 0.0), valid & finite
         f = math.ceil(scale)

@@ -187,9 +187,22 @@ def fit(
                     profile=profile, bands=_bands(bands), window=window, class_column=class_column,
                     name_column=name_column, epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
                     val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, device=device)
-    result = fit_head(cfg)
+    import warnings
+
+    from geodino.train import NoValidationWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NoValidationWarning)
+        result = fit_head(cfg)
+    for w in caught:
+        if issubclass(w.category, NoValidationWarning):
+            err.print(f"[bold yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     typer.echo(json.dumps({"head": str(result.head_dir), "train_windows": result.train_windows,
-                           "val_windows": result.val_windows, "metrics": _brief(result.metrics),
+                           "val_windows": result.val_windows,
+                           "metrics": {"training": _brief(result.training_metrics),
+                                       "validation": _brief(result.metrics) if result.metrics else None},
                            "baseline": {k: _brief(v) if isinstance(v, dict) else v
                                         for k, v in result.baseline.items()}}, indent=2))
 
@@ -277,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     if status == 130 or signals.received is not None:
         code = exit_code_for(signals.received)
         name = "terminated (SIGTERM)" if code == 143 else "interrupted (SIGINT)"
-        err.print(f"{name}: stopped; the scene in progress left nothing at its final paths", highlight=False)
+        err.print(f"{name}: stopped; the scene in progress left nothing at its final paths", highlight=False,
+                  soft_wrap=True)
         return code
     return status if isinstance(status, int) else 0
 

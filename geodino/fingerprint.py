@@ -164,14 +164,14 @@ def differences(old: dict | None, new: dict) -> list[str]:
     if len(old.get("scene", [])) != len(new["scene"]):
         diffs.append(f"scene files {len(old.get('scene', []))} -> {len(new['scene'])}")
     for a, b in zip(old.get("scene", []), new["scene"]):
-        if a.get("path") != b["path"]:
+        # a file is the same by name, size and modification time: the relative path changes
+        # when the output folder moves, and is kept for people to read
+        if _name(a.get("path")) != _name(b["path"]) or ("size" in a) != ("size" in b):
             diffs.append(f"scene {a.get('path')} -> {b['path']}")
-            continue
-        for key in ("size", "mtime_ns"):
-            if a.get(key) != b.get(key):
-                what = "modified" if key == "mtime_ns" else f"size {a.get(key)} -> {b.get(key)}"
-                diffs.append(f"scene {b['path']} {what}")
-                break
+        elif a.get("size") != b.get("size"):
+            diffs.append(f"scene {b['path']} size {a.get('size')} -> {b.get('size')}")
+        elif a.get("mtime_ns") != b.get("mtime_ns"):
+            diffs.append(f"scene {b['path']} modified since")
     old_opts, new_opts = old.get("options", {}), new["options"]
     for key in sorted(set(old_opts) | set(new_opts)):
         if old_opts.get(key, _MISSING) != new_opts.get(key, _MISSING):
@@ -189,6 +189,11 @@ def differences(old: dict | None, new: dict) -> list[str]:
 
 
 _MISSING = object()
+
+
+def _name(path) -> str:
+    text = str(path)
+    return Path(text).name if "://" not in text and not text.startswith(("/vsi", "<")) else text
 
 
 def _show(value) -> str:

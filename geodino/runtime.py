@@ -34,14 +34,22 @@ def gdal_settings() -> Iterator[None]:
     """geodino's GDAL block cache for the duration of a run, unless the user chose one."""
     import dask
     import rasterio
-    from rasterio.env import get_gdal_config
+    from rasterio.env import getenv, hasenv
 
-    if "GDAL_CACHEMAX" in os.environ or get_gdal_config("GDAL_CACHEMAX") is not None:
+    if "GDAL_CACHEMAX" in os.environ or (hasenv() and "GDAL_CACHEMAX" in getenv()):
         yield
         return
-    workers_env = {"distributed.nanny.pre-spawn-environ.GDAL_CACHEMAX": str(GDAL_CACHE_MB)}
-    if "MALLOC_ARENA_MAX" not in os.environ:
-        workers_env["distributed.nanny.pre-spawn-environ.MALLOC_ARENA_MAX"] = "1"
+    workers_env = {}
+    try:
+        # its config defaults must be loaded before one key is scoped: dask.config.set would
+        # otherwise restore a config without them on exit (the runs import it anyway)
+        import distributed  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        workers_env["distributed.nanny.pre-spawn-environ.GDAL_CACHEMAX"] = str(GDAL_CACHE_MB)
+        if "MALLOC_ARENA_MAX" not in os.environ:
+            workers_env["distributed.nanny.pre-spawn-environ.MALLOC_ARENA_MAX"] = "1"
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), dask.config.set(workers_env):
         yield
 

@@ -226,19 +226,25 @@ class Scene:
             step = bh * max(1, 512 // bh)
             spans = [(r, min(r + step, self.grid.height)) for r in range(0, self.grid.height, step)]
         col_step = self.grid.width if bw >= self.grid.width else bw * max(1, 512 // bw)
-        for r0, r1 in spans:
-            ri = np.flatnonzero((rows >= r0) & (rows < r1))
-            if not len(ri):
-                continue
-            for c0 in range(0, self.grid.width, col_step):
-                c1 = min(c0 + col_step, self.grid.width)
-                ci = np.flatnonzero((cols >= c0) & (cols < c1))
-                if not len(ci):
+        from geodino.progress import Progress
+
+        # a warped scene is warped block by block here, which takes long on a big target grid
+        with Progress(f"{self.name}: warping for statistics", total=len(spans), unit="block rows",
+                      enabled=None if self.warped else False) as bar:
+            for r0, r1 in spans:
+                bar.advance()
+                ri = np.flatnonzero((rows >= r0) & (rows < r1))
+                if not len(ri):
                     continue
-                block, ok = self.read(Window(c0, r0, c1 - c0, r1 - r0))
-                sel = np.ix_(rows[ri] - r0, cols[ci] - c0)
-                data[:, ri[0]:ri[-1] + 1, ci[0]:ci[-1] + 1] = block[(slice(None),) + sel]
-                valid[ri[0]:ri[-1] + 1, ci[0]:ci[-1] + 1] = ok[sel]
+                for c0 in range(0, self.grid.width, col_step):
+                    c1 = min(c0 + col_step, self.grid.width)
+                    ci = np.flatnonzero((cols >= c0) & (cols < c1))
+                    if not len(ci):
+                        continue
+                    block, ok = self.read(Window(c0, r0, c1 - c0, r1 - r0))
+                    sel = np.ix_(rows[ri] - r0, cols[ci] - c0)
+                    data[:, ri[0]:ri[-1] + 1, ci[0]:ci[-1] + 1] = block[(slice(None),) + sel]
+                    valid[ri[0]:ri[-1] + 1, ci[0]:ci[-1] + 1] = ok[sel]
         return data, valid
 
     def to_xarray(self, chunks: int | str = 512):

@@ -33,7 +33,7 @@ def test_demo_from_the_readme(tmp_path, capsys):
     for name in ("canopy_height.tif", "landcover.tif"):
         assert cog_validate(str(out / name))[0]
     report = json.loads((out / "report.json").read_text())
-    assert report["complete"] and report["windows"] == 4 and report["area_km2"] == pytest.approx(0.212, abs=0.001)
+    assert report["complete"] and report["windows"] == 4 and report["footprint_area_km2"] == pytest.approx(0.212, abs=0.001)
     assert set(report["landcover_area_km2"]) == {"Tree cover", "Shrubland", "Grassland", "Cropland", "Built-up",
                                                  "Bare / sparse vegetation", "Permanent water bodies"}
     assert 0 < report["canopy_height_m"]["max"] <= 80

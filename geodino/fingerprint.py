@@ -94,7 +94,7 @@ def _hub_revision(name: str) -> str:
         from huggingface_hub import try_to_load_from_cache
 
         hit = try_to_load_from_cache(name, "config.json")
-    except Exception:  # not a repo id, or no hub library: the name is all we know
+    except (ImportError, ValueError):  # no hub library, or not a repo id: the name is all we know
         hit = None
     if isinstance(hit, str):
         return f"{name}@{Path(hit).parent.name}"  # .../snapshots/<commit>/config.json

@@ -220,7 +220,7 @@ def _overlap_pixels(pred, ref) -> int:
     s, n = max(south, ps), min(north, pn)
     if w >= e or s >= n:
         return 0
-    return int(round((e - w) / abs(pred.transform.a))) * int(round((n - s) / abs(pred.transform.e)))
+    return round((e - w) / abs(pred.transform.a)) * round((n - s) / abs(pred.transform.e))
 
 
 def _class_codes(ds) -> list[int]:

@@ -134,11 +134,7 @@ class Labels:
             codes = sorted(int(v) for v in gdf[column].unique())
             names = {}
             if name_column:
-                names = {}
-                for c, n in zip(gdf[column], gdf[name_column]):
-                    if names.setdefault(int(c), str(n)) != str(n):
-                        raise InputError(f"{self.path}: class {int(c)} has two names in column {name_column!r} "
-                                         f"({names[int(c)]!r} and {str(n)!r}); one code, one name")
+                names = _names_by_code(gdf[column], gdf[name_column], f"{self.path}, column {name_column!r}")
             self.classes = classes or _table_for(codes, names)
         else:
             self.classes = None
@@ -203,6 +199,28 @@ class Labels:
         out = np.full((tile.size, tile.size), -1, np.int64)
         out[:ih, :iw] = lut[np.clip(raw, 0, len(lut) - 1)]
         return out
+
+
+def _names_by_code(codes, names, label: str) -> dict[int, str]:
+    """Each class code's name: the one most of its polygons carry. Real label files have slips
+    (a polygon of code 5 named like code 4); those are reported, not silently taken."""
+    from collections import Counter
+
+    counts: dict[int, Counter] = {}
+    for c, n in zip(codes, names):
+        counts.setdefault(int(c), Counter())[str(n)] += 1
+    majority = {c: cnt.most_common(1)[0] for c, cnt in counts.items()}
+    out = {}
+    for c, cnt in counts.items():
+        top = [n for n, k in cnt.items() if k == majority[c][1]]
+        # a tie: prefer a name no other code goes by
+        free = [n for n in top if all(majority[o][0] != n for o in counts if o != c)]
+        out[c] = sorted(free or top)[0]
+    mixed = {c: dict(cnt) for c, cnt in counts.items() if len(cnt) > 1}
+    if mixed:
+        warnings.warn(f"{label}: some class codes carry several names {mixed}; using "
+                      f"{ {c: out[c] for c in mixed} }", stacklevel=3)
+    return out
 
 
 def _box(west, south, east, north):

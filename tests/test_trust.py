@@ -481,3 +481,14 @@ def test_polygon_class_names_are_taken_from_their_text_column(tmp_path):
     polys.to_file(tmp_path / "p.gpkg")
     labels = Labels(str(tmp_path / "p.gpkg"), scene, "landcover")
     assert labels.classes.codes == [1, 2] and labels.classes.names == ["forest", "water"]
+
+
+def test_real_polygons_name_their_classes_without_being_told_the_column(tmp_path):
+    from geodino.scene import open_scene
+    from geodino.train import Labels
+
+    scene = open_scene(realdata("LE70220492002106EDC00_stack.gtif"))
+    with pytest.warns(UserWarning, match="several names"):  # the file has two mislabelled polygons
+        labels = Labels(str(realdata("training_polygons/training_data.shp")), scene, "landcover")
+    assert labels.column == "id"
+    assert labels.classes.names == ["forest", "water", "herbaceous", "barren", "urban"]

@@ -155,4 +155,4 @@ def load_pipeline(path: str | Path) -> RunOptions:
     return RunOptions.from_mapping(data, source=str(p))
 
 
-__all__ = ["RunOptions", "load_pipeline", "check_scheduler", "check_device"]
+__all__ = ["RunOptions", "check_device", "check_scheduler", "load_pipeline"]

@@ -215,7 +215,7 @@ def _names_by_code(codes, names, label: str) -> dict[int, str]:
         top = [n for n, k in cnt.items() if k == majority[c][1]]
         # a tie: prefer a name no other code goes by
         free = [n for n in top if all(majority[o][0] != n for o in counts if o != c)]
-        out[c] = sorted(free or top)[0]
+        out[c] = min(free or top)
     mixed = {c: dict(cnt) for c, cnt in counts.items() if len(cnt) > 1}
     if mixed:
         warnings.warn(f"{label}: some class codes carry several names {mixed}; using "

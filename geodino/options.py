@@ -143,7 +143,7 @@ def load_pipeline(path: str | Path) -> RunOptions:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        raise ConfigError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of option: value")
     # model paths written relative to the config file are found from anywhere; they stay as

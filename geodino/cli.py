@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if status == 130 or signals.received is not None:
         code = exit_code_for(signals.received)
         name = "terminated (SIGTERM)" if code == 143 else "interrupted (SIGINT)"
-        err.print(f"{name}: stopped; the scene in progress left nothing at its final paths", highlight=False,
+        err.print(f"{name}: stopped; what was in progress was not left at its final paths", highlight=False,
                   soft_wrap=True)
         return code
     return status if isinstance(status, int) else 0

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import machine  # noqa: E402
+from bench._common import machine
 
 
 def timed(fn, *args, **kwargs) -> float:

@@ -9,13 +9,10 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import rasterio
 from rasterio.transform import from_origin
@@ -281,114 +278,6 @@ def test_warping_shows_progress(tmp_path, capsys):
 
     assert re.search(r"s: warping for statistics: (\d+)/\1 block rows \(100%\)", capsys.readouterr().err)
 
-
-# -- exit codes and signals -----------------------------------------------------------------
-
-
-def _cli(*args: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return subprocess.Popen([sys.executable, "-c", "from geodino.cli import entry; entry()", *args],
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-
-
-@pytest.fixture(scope="module")
-def big_scene(tmp_path_factory):
-    from geodino.synth import SynthConfig, generate
-
-    return generate(tmp_path_factory.mktemp("big"), SynthConfig(width=768, height=512, seed=6)).scene
-
-
-def test_sigint_and_sigterm_exit_130_and_143_leaving_nothing(big_scene, tmp_path):
-    import signal
-
-    runs = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        out = tmp_path / sig.name
-        out.mkdir()
-        (out / "mine.txt").write_text("a user's file")
-        runs[sig] = (out, _cli("run", str(big_scene), "--out", str(out), "--pipeline", str(DEMO),
-                               "--window", "128", "--overlap", "32"))
-    deadline = time.monotonic() + 240
-    pending = dict(runs)
-    while pending and time.monotonic() < deadline:
-        for sig, (out, proc) in list(pending.items()):
-            # computing: blocks stream into partial files beside the final paths
-            if list(out.glob(".*.partial-*")):
-                time.sleep(0.3)
-                proc.send_signal(sig)
-                del pending[sig]
-            assert proc.poll() is None, proc.communicate()[1][-2000:]
-        time.sleep(0.05)
-    assert not pending, "the runs never started computing"
-    for sig, (out, proc) in runs.items():
-        _, err = proc.communicate(timeout=240)
-        assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], err[-2000:]
-        last = err.strip().splitlines()[-1]
-        assert last.startswith("interrupted (SIGINT)" if sig == signal.SIGINT else "terminated (SIGTERM)")
-        assert "Traceback" not in err
-        assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
-
-
-def test_a_damaged_tile_mid_scene_names_the_window(tmp_path, capsys):
-    from rasterio.enums import Resampling
-
-    # 2048 x 256 px with overviews: the statistics read the overview, so the damaged full-resolution
-    # tile is met only while windows are computed, after other windows were done
-    path = write_raster(tmp_path / "damaged.tif", (random_image(256, 2048, 3, "uint16", seed=2) // 4),
-                        compress="deflate")
-    with rasterio.open(path, "r+") as dst:
-        dst.build_overviews([2, 4], Resampling.average)
-    with rasterio.open(path) as src:
-        offset = int(src.get_tag_item("BLOCK_OFFSET_5_0", "TIFF", bidx=1))
-        size = int(src.get_tag_item("BLOCK_SIZE_5_0", "TIFF", bidx=1))
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
-    out = tmp_path / "out"
-    assert main(["run", str(path), "--out", str(out), "--pipeline", str(DEMO), "--window", "256",
-                 "--overlap", "32", "--profile", "reflectance"]) == 2
-    err = capsys.readouterr().err
-    assert "damaged.tif: cannot read the pixels of window col" in err and "may be damaged" in err
-    assert not out.exists()
-
-
-# -- no side effects on import --------------------------------------------------------------
-
-
-def test_importing_geodino_changes_nothing_outside_it():
-    code = ("import json, os\n"
-            "from rasterio.env import get_gdal_config\n"
-            "before, cache = dict(os.environ), get_gdal_config('GDAL_CACHEMAX')\n"
-            "import geodino, geodino.cli, geodino.runner, geodino.pipeline\n"
-            "print(json.dumps({'env_changed': sorted(set(os.environ.items()) ^ set(before.items())),"
-            " 'cache': get_gdal_config('GDAL_CACHEMAX') == cache}))\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("GDAL_CACHEMAX", "MALLOC_ARENA_MAX")}
-    env["PYTHONPATH"] = str(REPO)
-    result = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                                       check=True).stdout.strip().splitlines()[-1])
-    assert result == {"env_changed": [], "cache": True}
-
-
-def test_runs_apply_the_gdal_cache_and_restore_it(scenes, tmp_path, monkeypatch):
-    from rasterio.env import get_gdal_config
-
-    import geodino.runner
-
-    monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
-    seen = []
-    real = geodino.runner.write_scene
-
-    def spy(*args, **kwargs):
-        seen.append(get_gdal_config("GDAL_CACHEMAX"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(geodino.runner, "write_scene", spy)
-    before = get_gdal_config("GDAL_CACHEMAX")
-    run_scenes([str(scenes["a"])], tmp_path / "o", _options(polygons=False), log=_quiet, quiet=True)
-    assert seen and int(seen[0]) in (16, 16 * 2**20)
-    assert get_gdal_config("GDAL_CACHEMAX") == before
-
-
 # -- reports and tags -----------------------------------------------------------------------
 
 
@@ -424,71 +313,3 @@ def _strings(obj) -> list[str]:
     if isinstance(obj, list):
         return [s for v in obj for s in _strings(v)]
     return []
-
-
-# -- honest metrics -------------------------------------------------------------------------
-
-
-def test_evaluate_refuses_disjoint_tiny_and_mismatched_rasters(tmp_path, capsys):
-    from geodino.metrics import evaluate_rasters
-
-    heights = np.random.default_rng(0).random((64, 64), dtype=np.float32) * 30
-    pred = write_raster(tmp_path / "pred.tif", heights, nodata=float("nan"))
-    far = write_raster(tmp_path / "far.tif", heights, nodata=float("nan"),
-                       transform=from_origin(600000.0, 4000000.0, 10.0, 10.0))
-    corner = write_raster(tmp_path / "corner.tif", heights, nodata=float("nan"),
-                          transform=from_origin(500000.0 + 59 * 10, 4000000.0 - 59 * 10, 10.0, 10.0))
-    assert main(["evaluate", str(pred), str(far), "--task", "canopy"]) == 2
-    assert "do not overlap" in capsys.readouterr().err
-    with pytest.raises(InputError, match=r"overlap on 25 prediction pixels, 0.0025 km².*fewer than 100"):
-        evaluate_rasters(pred, corner, "canopy")
-    classes = write_raster(tmp_path / "classes.tif", (heights // 10 + 1).astype(np.uint8), nodata=0)
-    with rasterio.open(classes, "r+") as dst:
-        dst.write_colormap(1, {1: (0, 100, 0, 255), 2: (250, 0, 0, 255), 3: (0, 0, 200, 255)})
-    with pytest.raises(InputError, match="class raster .* not heights"):
-        evaluate_rasters(classes, pred, "canopy")
-    with pytest.raises(InputError, match="float32 values \\(heights\\?\\), not class codes"):
-        evaluate_rasters(pred, classes, "landcover")
-    assert evaluate_rasters(pred, pred, "canopy")["mae"] == 0.0
-
-
-def test_fit_names_training_and_validation_metrics_and_warns_without_validation(tmp_path, tiny_models):
-    from geodino.synth import SynthConfig, generate
-    from geodino.train import FitConfig, NoValidationWarning, fit
-
-    s = generate(tmp_path / "s", SynthConfig(width=128, height=128, seed=2))
-    cfg = FitConfig(task="landcover", scene=str(s.scene), labels=str(s.landcover), backbone=tiny_models["backbone"],
-                    out=str(tmp_path / "head"), window=64, epochs=1, val_fraction=0.0, profile="reflectance")
-    with pytest.warns(NoValidationWarning, match="NO VALIDATION DATA"):
-        result = fit(cfg, progress=False)
-    assert result.val_windows == 0 and result.metrics is None
-    assert result.training_metrics["pixels"] == 128 * 128
-    meta = json.loads((tmp_path / "head" / "head.json").read_text())
-    assert meta["metrics"]["validation"] is None and meta["metrics"]["training"]["pixels"] == 128 * 128
-
-
-def test_polygon_class_names_are_taken_from_their_text_column(tmp_path):
-    import geopandas as gpd
-    from shapely.geometry import box
-
-    from geodino.scene import open_scene
-    from geodino.train import Labels
-
-    scene = open_scene(write_raster(tmp_path / "s.tif", random_image(32, 32, 3, "uint8")))
-    polys = gpd.GeoDataFrame({"id": [1, 2], "class": ["forest", "water"]},
-                             geometry=[box(500000, 3999840, 500160, 4000000), box(500160, 3999680, 500320, 3999840)],
-                             crs="EPSG:32633")
-    polys.to_file(tmp_path / "p.gpkg")
-    labels = Labels(str(tmp_path / "p.gpkg"), scene, "landcover")
-    assert labels.classes.codes == [1, 2] and labels.classes.names == ["forest", "water"]
-
-
-def test_real_polygons_name_their_classes_without_being_told_the_column(tmp_path):
-    from geodino.scene import open_scene
-    from geodino.train import Labels
-
-    scene = open_scene(realdata("LE70220492002106EDC00_stack.gtif"))
-    with pytest.warns(UserWarning, match="several names"):  # the file has two mislabelled polygons
-        labels = Labels(str(realdata("training_polygons/training_data.shp")), scene, "landcover")
-    assert labels.column == "id"
-    assert labels.classes.names == ["forest", "water", "herbaceous", "barren", "urban"]

@@ -12,6 +12,19 @@ from pathlib import Path
 
 CACHE = Path(os.environ.get("GEODINO_BENCH_CACHE", "/tmp/geodino-bench"))
 
+# Benchmarks are geodino's own processes, measured with the settings the CLI uses (importing
+# geodino no longer applies them, see geodino.runtime): the 16 MB GDAL block cache and one malloc
+# arena, here and in the child processes the scripts start. A value set by the caller wins.
+os.environ.setdefault("GDAL_CACHEMAX", "16")
+os.environ.setdefault("MALLOC_ARENA_MAX", "1")  # read by glibc in children at their start
+if os.environ["MALLOC_ARENA_MAX"] == "1":
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # this process: M_ARENA_MAX (glibc only)
+    except (OSError, AttributeError):
+        pass
+
 
 def machine() -> dict:
     import torch

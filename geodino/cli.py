@@ -124,6 +124,10 @@ def run(
     processes: Optional[int] = typer.Option(None, help="Worker processes with --scheduler local", show_default=_default("processes")),
     crowns: Optional[bool] = typer.Option(None, "--crowns/--no-crowns", help="Also find individual trees in the canopy map (trees.gpkg, crowns.tif)", show_default=_default("crowns")),
     overwrite: bool = typer.Option(False, help="Recompute and replace finished outputs"),
+    keep_going: bool = typer.Option(False, "--keep-going", help="Run the other scenes when one fails; "
+                                    "print a summary table and exit non-zero if any failed"),
+    force: bool = typer.Option(False, "--force", help="Allow a --target-gsd that grows the processing grid "
+                               "more than 16x in pixels"),
 ) -> None:
     """Map canopy height and land cover (and embeddings) for one or many scenes."""
     from geodino.options import RunOptions, load_pipeline
@@ -141,9 +145,10 @@ def run(
             setattr(options, key, value)
     scenes = _expand(scenes)
     options.validate(scene=scenes[0] if len(scenes) == 1 else None, out=str(out))
-    reports = run_scenes(scenes, out, options, overwrite=overwrite, log=lambda m: err.print(m, highlight=False))
-    for r in reports:
-        typer.echo(f"{r['scene'][0]}: {r['windows']} windows, {r['seconds']} s, {r['windows_per_second']} windows/s")
+    reports = run_scenes(scenes, out, options, overwrite=overwrite, keep_going=keep_going, force=force,
+                         log=lambda m: err.print(m, highlight=False, soft_wrap=True))
+    for scene, r in zip(scenes, reports):
+        typer.echo(f"{scene}: {r['windows']} windows, {r['seconds']} s, {r['windows_per_second']} windows/s")
 
 
 @app.command()
@@ -206,9 +211,22 @@ def fit(
                     profile=profile, bands=_bands(bands), window=window, class_column=class_column,
                     name_column=name_column, epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
                     val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, device=device)
-    result = fit_head(cfg)
+    import warnings
+
+    from geodino.train import NoValidationWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NoValidationWarning)
+        result = fit_head(cfg)
+    for w in caught:
+        if issubclass(w.category, NoValidationWarning):
+            err.print(f"[bold yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     typer.echo(json.dumps({"head": str(result.head_dir), "train_windows": result.train_windows,
-                           "val_windows": result.val_windows, "metrics": _brief(result.metrics),
+                           "val_windows": result.val_windows,
+                           "metrics": {"training": _brief(result.training_metrics),
+                                       "validation": _brief(result.metrics) if result.metrics else None},
                            "baseline": {k: _brief(v) if isinstance(v, dict) else v
                                         for k, v in result.baseline.items()}}, indent=2))
 
@@ -301,29 +319,40 @@ def demo(
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        app(args=argv, standalone_mode=False)
-    except GeodinoError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        return e.exit_code
-    except typer.Abort:
-        err.print("aborted")
-        return 130
-    except KeyboardInterrupt:
-        err.print("interrupted; partial outputs were removed")
-        return 130
-    except Exception as e:
-        # typer's (vendored) click signals usage errors and --help through exceptions
-        if hasattr(e, "show") and hasattr(e, "exit_code"):
-            e.show()
+    """Run one command; the exit status: 0 done, 2 a user error (one line, no traceback),
+    130 interrupted (SIGINT), 143 terminated (SIGTERM), 1 a bug (with its traceback)."""
+    from geodino.runtime import exit_code_for, gdal_settings, signals_as_interrupts
+
+    with signals_as_interrupts() as signals, gdal_settings():
+        try:
+            status = app(args=argv, standalone_mode=False)
+        except GeodinoError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             return e.exit_code
-        if type(e).__name__ == "Exit":
-            return getattr(e, "exit_code", 0)
-        raise
-    return 0
+        except (typer.Abort, KeyboardInterrupt):
+            status = 130
+        except Exception as e:
+            # typer's (vendored) click signals usage errors and --help through exceptions
+            if hasattr(e, "show") and hasattr(e, "exit_code"):
+                e.show()
+                return e.exit_code
+            if type(e).__name__ == "Exit":
+                return getattr(e, "exit_code", 0)
+            raise
+    # typer turns KeyboardInterrupt into Exit(130) and, outside standalone mode, returns its code
+    if status == 130 or signals.received is not None:
+        code = exit_code_for(signals.received)
+        name = "terminated (SIGTERM)" if code == 143 else "interrupted (SIGINT)"
+        err.print(f"{name}: stopped; what was in progress was not left at its final paths", highlight=False,
+                  soft_wrap=True)
+        return code
+    return status if isinstance(status, int) else 0
 
 
 def entry() -> None:
+    from geodino.runtime import limit_malloc_arenas
+
+    limit_malloc_arenas()  # this process is geodino's own (a library user's is not: geodino.runtime)
     sys.exit(main())
 
 

@@ -27,6 +27,7 @@ from geodino.classes import ClassTable
 from geodino.errors import ConfigError
 from geodino.export import RasterOutput, atomic_path, check_writable, polygonize, write_rasters
 from geodino.model_checks import check_model_fit, is_demo_model
+from geodino.fingerprint import display_path
 from geodino.options import RunOptions, load_pipeline
 from geodino.predict import ModelBundle, auto_batch_size
 from geodino.progress import Progress
@@ -50,6 +51,7 @@ class SceneRun:
     options: RunOptions
     classes: ClassTable | None = None
     hooks: list = field(default_factory=list)  # called with the number of windows each batch finishes
+    fingerprint: dict | None = None  # what the outputs are made from (geodino.fingerprint); set by the runner
 
 
 def _classes_of(bundle: ModelBundle) -> ClassTable | None:
@@ -156,10 +158,14 @@ def output_paths(out_dir: Path, options: RunOptions, has: Sequence[str]) -> dict
     return paths
 
 
-def _provenance(run: SceneRun) -> dict:
+def _provenance(run: SceneRun, out: Path) -> dict:
     o = run.options
-    return {"geodino_version": geodino.__version__, "backbone": o.backbone,
-            "canopy_head": o.canopy_head or o.canopy_model or "", "landcover_head": o.landcover_head or "",
+
+    def shown(path):  # relative to the output folder: no absolute paths of this machine in tags
+        return display_path(path, out) if path else ""
+
+    return {"geodino_version": geodino.__version__, "backbone": shown(o.backbone),
+            "canopy_head": shown(o.canopy_head or o.canopy_model), "landcover_head": shown(o.landcover_head),
             "window": o.window, "overlap": o.overlap, "sensor_profile": run.normalisation.profile,
             "normalisation": json.dumps(run.normalisation.to_dict()), **_model_tags(run)}
 
@@ -182,7 +188,7 @@ def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ds, o = run.dataset, run.options
-    tags = _provenance(run)
+    tags = _provenance(run, out)
     grid = run.scene.grid
     rasters = []
     stats = {"canopy_height": HeightStats(), "landcover": ClassCounts()}  # filled as blocks are written

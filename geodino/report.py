@@ -10,6 +10,8 @@ import rasterio
 
 import geodino
 from geodino.classes import ClassTable
+from geodino.fingerprint import MODEL_OPTIONS, display_path, fingerprint
+from geodino.model_checks import is_demo_model
 
 if TYPE_CHECKING:
     from geodino.pipeline import SceneRun
@@ -18,31 +20,58 @@ REPORT = "report.json"
 
 
 def make_report(run: SceneRun, out: Path, elapsed: float, outputs: dict, stats: dict | None = None) -> dict:
-    """The report of a written scene. ``stats``: accumulators filled while the outputs were
-    written (output name -> ClassCounts / HeightStats); outputs without one are read back."""
+    """What was made, from what (paths relative to ``out``, never this machine's absolute
+    paths), with the run's fingerprint and summary statistics of the outputs.
+
+    ``stats``: accumulators filled while the outputs were written (output name ->
+    :class:`ClassCounts` / :class:`HeightStats`); outputs without one are read back.
+    """
     stats = stats or {}
     grid = run.scene.grid
     rx, ry = grid.res
-    area_km2 = grid.width * grid.height * rx * ry / 1e6 if grid.crs.is_projected else None
+    pixel_km2 = rx * ry / 1e6 if grid.crs.is_projected else None
+    o = run.options
+    fp = getattr(run, "fingerprint", None) or fingerprint(list(run.scene.paths), o, out)
     report = {
-        "scene": list(run.scene.paths), "geodino_version": geodino.__version__,
+        "scene": [display_path(p, out) for p in run.scene.paths], "geodino_version": geodino.__version__,
         "crs": grid.crs.to_string(), "width": grid.width, "height": grid.height,
-        "transform": list(grid.transform)[:6], "area_km2": area_km2,
+        "transform": list(grid.transform)[:6],
+        # the whole grid, nodata collar included; valid_area_km2 below counts mapped pixels only
+        "footprint_area_km2": round(grid.width * grid.height * pixel_km2, 6) if pixel_km2 else None,
         "windows": len(run.tiles), "seconds": round(elapsed, 3),
         "windows_per_second": round(len(run.tiles) / elapsed, 3) if elapsed > 0 else None,
-        "models": {"backbone": run.options.backbone, "canopy_head": run.options.canopy_head,
-                   "landcover_head": run.options.landcover_head, "canopy_model": run.options.canopy_model},
+        "models": {role: display_path(getattr(o, role), out) if getattr(o, role) else None
+                   for role in MODEL_OPTIONS},
+        "demo_model": is_demo_model(o.backbone),
+        "bands_used": {"indexes": list(run.scene.bands), "names": list(run.scene.band_names)},
         "sensor_profile": run.normalisation.profile, "normalisation": run.normalisation.to_dict(),
-        "window": run.options.window, "overlap": run.options.overlap, "outputs": outputs,
+        "window": o.window, "overlap": o.overlap, "target_gsd": o.target_gsd, "outputs": outputs,
     }
+    if "landcover_polygons" in outputs:
+        report["min_polygon_area_m2"] = o.min_polygon_area
+    valid = None
     if "landcover" in outputs:
-        report["landcover_area_km2"] = (stats["landcover"].areas_km2(run.classes, rx * ry) if "landcover" in stats
-                                        else class_areas(out / outputs["landcover"], run.classes))
+        counts = stats.get("landcover") or _read_blocks(out / outputs["landcover"], ClassCounts())
+        report["landcover_area_km2"] = counts.areas_km2(run.classes, rx * ry)
+        valid = counts.valid(run.classes)
     if "canopy_height" in outputs:
-        report["canopy_height_m"] = (stats["canopy_height"].result() if "canopy_height" in stats
-                                     else height_stats(out / outputs["canopy_height"]))
+        heights = stats.get("canopy_height") or _read_blocks(out / outputs["canopy_height"], HeightStats())
+        report["canopy_height_m"] = heights.result()
+        valid = heights.n if valid is None else valid
+    if valid is None and "embeddings" in outputs:
+        valid = _finite_pixels(out / outputs["embeddings"]) * run.bundle.patch_size ** 2
+    report["valid_area_km2"] = round(valid * pixel_km2, 6) if pixel_km2 and valid is not None else None
+    report["fingerprint"] = fp
     report["complete"] = True
     return report
+
+
+def _finite_pixels(path: Path) -> int:
+    n = 0
+    with rasterio.open(path) as src:
+        for _, window in src.block_windows(1):
+            n += int(np.isfinite(src.read(1, window=window)).sum())
+    return n
 
 
 class ClassCounts:
@@ -56,6 +85,10 @@ class ClassCounts:
 
     def areas_km2(self, classes: ClassTable, pixel_area_m2: float) -> dict:
         return {c.name: round(self.counts[c.code] * pixel_area_m2 / 1e6, 6) for c in classes.classes}
+
+    def valid(self, classes: ClassTable) -> int:
+        """Pixels of any class of the table (nodata excluded)."""
+        return int(self.counts[classes.codes].sum())
 
 
 class HeightStats:
@@ -86,21 +119,25 @@ class HeightStats:
                 "p95": q(0.95), "max": round(self.peak, 3), "fraction_above_2m": round(float(1 - cdf[19]), 4)}
 
 
-def _read_blocks(path: Path, into) -> float:
-    """Feed every block of band 1 of a raster to ``into.update``; returns the pixel area (m²)."""
+def _read_blocks(path: Path, into):
+    """Feed every block of band 1 of a raster to ``into.update``; returns ``into``."""
     with rasterio.open(path) as src:
         for _, window in src.block_windows(1):
             into.update(src.read(1, window=window))
+    return into
+
+
+def _pixel_area(path: Path) -> float:
+    with rasterio.open(path) as src:
         return abs(src.transform.a * src.transform.e)
 
 
-def class_areas(path: Path, classes: ClassTable) -> dict:
-    counts = ClassCounts()
-    px = _read_blocks(path, counts)
-    return counts.areas_km2(classes, px)
+def class_areas(path: Path, classes: ClassTable, counts: bool = False):
+    """Area (km²) of each class; with ``counts``, also the number of pixels of any class."""
+    acc = _read_blocks(path, ClassCounts())
+    areas = acc.areas_km2(classes, _pixel_area(path))
+    return (areas, acc.valid(classes)) if counts else areas
 
 
 def height_stats(path: Path) -> dict:
-    stats = HeightStats()
-    _read_blocks(path, stats)
-    return stats.result()
+    return _read_blocks(path, HeightStats()).result()

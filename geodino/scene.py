@@ -11,6 +11,7 @@ written on.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -149,8 +150,9 @@ class Scene:
             return out, valid
         inner = Window(ic0, ir0, ic1 - ic0, ir1 - ir0)
         part = out if inside else np.empty((len(self.bands), ir1 - ir0, ic1 - ic0), np.float32)
-        ds.read(self.bands, window=inner, out=part)
-        ok = self._valid(ds, window=inner)
+        with self._read_errors(f"window col {ic0}-{ic1}, row {ir0}-{ir1}"):
+            ds.read(self.bands, window=inner, out=part)
+            ok = self._valid(ds, window=inner)
         if any(np.issubdtype(np.dtype(ds.dtypes[b - 1]), np.floating) for b in self.bands):
             finite = np.isfinite(part).all(axis=0)
             if not finite.all():
@@ -160,6 +162,17 @@ class Scene:
             out[:, ir0 - r0:ir1 - r0, ic0 - c0:ic1 - c0] = part
         valid[ir0 - r0:ir1 - r0, ic0 - c0:ic1 - c0] = ok
         return out, valid
+
+    @contextlib.contextmanager
+    def _read_errors(self, where: str):
+        """A damaged tile or strip becomes an InputError that says where, so the user can
+        check or replace the file (GDAL's own message names only the block)."""
+        try:
+            yield
+        except RasterioIOError as e:
+            cause = e.__cause__ or e.__context__ or e
+            raise InputError(f"{self.paths[0]}: cannot read the pixels of {where} (the file may be damaged "
+                             f"there: {_first_line(cause)})") from None
 
     def block_cache_bytes(self, window: int) -> int:
         """GDAL block cache that the source blocks of two neighbouring windows take.
@@ -201,9 +214,10 @@ class Scene:
             return self.read(Window(0, 0, self.grid.width, self.grid.height))
         if ds.overviews(self.bands[0]):
             shape = (max(1, round(self.grid.height / scale)), max(1, round(self.grid.width / scale)))
-            data = ds.read(self.bands, out_shape=(len(self.bands),) + shape, out_dtype="float32",
-                           resampling=Resampling.nearest)
-            valid = self._valid(ds, out_shape=shape)
+            with self._read_errors(f"the overview ({shape[1]} x {shape[0]} px) of the whole scene"):
+                data = ds.read(self.bands, out_shape=(len(self.bands),) + shape, out_dtype="float32",
+                               resampling=Resampling.nearest)
+                valid = self._valid(ds, out_shape=shape)
             finite = np.isfinite(data).all(axis=0)
             return np.where(finite[None], data, 0.0), valid & finite
         f = math.ceil(scale)
@@ -218,19 +232,25 @@ class Scene:
             step = bh * max(1, 512 // bh)
             spans = [(r, min(r + step, self.grid.height)) for r in range(0, self.grid.height, step)]
         col_step = self.grid.width if bw >= self.grid.width else bw * max(1, 512 // bw)
-        for r0, r1 in spans:
-            ri = np.flatnonzero((rows >= r0) & (rows < r1))
-            if not len(ri):
-                continue
-            for c0 in range(0, self.grid.width, col_step):
-                c1 = min(c0 + col_step, self.grid.width)
-                ci = np.flatnonzero((cols >= c0) & (cols < c1))
-                if not len(ci):
+        from geodino.progress import Progress
+
+        # a warped scene is warped block by block here, which takes long on a big target grid
+        with Progress(f"{self.name}: warping for statistics", total=len(spans), unit="block rows",
+                      enabled=None if self.warped else False) as bar:
+            for r0, r1 in spans:
+                bar.advance()
+                ri = np.flatnonzero((rows >= r0) & (rows < r1))
+                if not len(ri):
                     continue
-                block, ok = self.read(Window(c0, r0, c1 - c0, r1 - r0))
-                sel = np.ix_(rows[ri] - r0, cols[ci] - c0)
-                data[:, ri[0]:ri[-1] + 1, ci[0]:ci[-1] + 1] = block[(slice(None),) + sel]
-                valid[ri[0]:ri[-1] + 1, ci[0]:ci[-1] + 1] = ok[sel]
+                for c0 in range(0, self.grid.width, col_step):
+                    c1 = min(c0 + col_step, self.grid.width)
+                    ci = np.flatnonzero((cols >= c0) & (cols < c1))
+                    if not len(ci):
+                        continue
+                    block, ok = self.read(Window(c0, r0, c1 - c0, r1 - r0))
+                    sel = np.ix_(rows[ri] - r0, cols[ci] - c0)
+                    data[:, ri[0]:ri[-1] + 1, ci[0]:ci[-1] + 1] = block[(slice(None),) + sel]
+                    valid[ri[0]:ri[-1] + 1, ci[0]:ci[-1] + 1] = ok[sel]
         return data, valid
 
     def to_xarray(self, chunks: int | str = 512):

@@ -99,6 +99,7 @@ def run(
     min_polygon_area: Optional[float] = typer.Option(None, help="Drop polygons smaller than this (m²)"),
     chunks: Optional[int] = typer.Option(None, help="Output block size in pixels, rounded down to whole window strides (memory/parallelism only)"),
     workers: Optional[int] = typer.Option(None, help="Threads for reading, blending and writing"),
+    quicklook: Optional[bool] = typer.Option(None, "--quicklook/--no-quicklook", help="Write quicklook.png (default: on)"),
     overwrite: bool = typer.Option(False, help="Recompute and replace finished outputs"),
 ) -> None:
     """Map canopy height and land cover (and embeddings) for one or many scenes."""
@@ -110,7 +111,7 @@ def run(
                      canopy_model=canopy_model, profile=profile, bands=_bands(bands), window=window, overlap=overlap,
                      batch_size=batch_size, device=device, embeddings=embeddings, probabilities=probabilities,
                      scheduler=scheduler, compile=compile, target_gsd=target_gsd, polygons=polygons,
-                     min_polygon_area=min_polygon_area, chunks=chunks, workers=workers)
+                     min_polygon_area=min_polygon_area, chunks=chunks, workers=workers, quicklook=quicklook)
     for key, value in overrides.items():
         if value is not None:
             setattr(options, key, value)
@@ -227,11 +228,11 @@ def demo(
     import json
 
     from geodino.pipeline import build_run, load_pipeline, write_scene
-    from geodino.quicklook import quicklook
 
     samples = _data_samples()
     options = load_pipeline(samples.parent / "pipelines" / "demo.yaml")
     options.device = device
+    options.quicklook = True
     if backbone:
         # the bundled heads belong to the bundled tiny backbone: another backbone gets embeddings
         options.backbone, options.canopy_head, options.landcover_head = backbone, None, None
@@ -241,7 +242,7 @@ def demo(
         options.canopy_model, options.canopy_head = canopy_model, None
     run = build_run(str(samples / "scene" / "scene.tif"), options)
     report = write_scene(run, out, overwrite=overwrite)
-    png = quicklook((samples / "scene" / "scene.tif", [3, 2, 1]), out, out / "quicklook.png")
+    png = out / report["outputs"]["quicklook"]  # write_scene draws it
     typer.echo(json.dumps({"outputs": {k: str(out / v) for k, v in report["outputs"].items()},
                            "quicklook": str(png), "report": str(out / "report.json")}, indent=2))
 

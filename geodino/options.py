@@ -37,6 +37,7 @@ class RunOptions:
     workers: int = 4
     compress: str = "DEFLATE"
     layers: list | None = None  # backbone blocks the heads read (default: the backbone's usual four)
+    quicklook: bool = True  # write quicklook.png (scene, canopy height, land cover) beside the outputs
 
     @classmethod
     def from_mapping(cls, data: dict, source: str = "config") -> "RunOptions":

@@ -94,7 +94,8 @@ def build_run(scene_paths, options: RunOptions, progress=None) -> SceneRun:
         labels = da.map_blocks(_argmax_codes, probs.data, codes, classes.nodata, drop_axis=0, dtype=np.uint8)
         lc = xr.DataArray(labels, dims=("y", "x"), coords={"y": probs.y, "x": probs.x},
                           attrs={"long_name": "land cover", "class_codes": list(classes.codes),
-                                 "class_names": list(classes.names), "_FillValue": classes.nodata})
+                                 "class_names": list(classes.names), "_FillValue": classes.nodata,
+                                 "class_colors": [v for c in classes.classes for v in c.color]})
         variables["landcover"] = lc
         if options.probabilities:
             variables["landcover_probability"] = probs.drop_vars("band_name", errors="ignore").rename(band="class").assign_coords(
@@ -106,6 +107,9 @@ def build_run(scene_paths, options: RunOptions, progress=None) -> SceneRun:
     ds = ds.rio.write_crs(scene.grid.crs)
     ds.attrs.update(scene=scene.name, backbone=options.backbone, profile=norm.profile, window=spec.size,
                     overlap=spec.overlap, geodino_version=geodino.__version__)
+    # what geodino.plot needs to draw the scene as the model saw it
+    ds.attrs.update(scene_paths=json.dumps(list(scene.paths)), scene_bands=list(scene.bands),
+                    normalisation=json.dumps(norm.to_dict()))
     return SceneRun(ds, scene, norm, bundle, tiles, options, classes, hooks)
 
 
@@ -186,7 +190,16 @@ def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, 
         polygonize(out / "landcover.tif", out / "landcover.gpkg", run.classes,
                    min_area=o.min_polygon_area, overwrite=overwrite)
         outputs["landcover_polygons"] = "landcover.gpkg"
+    from geodino.styles import style_outputs
+
+    outputs.update(style_outputs(out, run.classes, outputs))
+    if o.quicklook:
+        from geodino.quicklook import quicklook
+
+        outputs["quicklook"] = quicklook(out, out / "quicklook.png", scene=run.scene,
+                                         stretch=(run.normalisation.lo, run.normalisation.hi)).name
     report = make_report(run, out, elapsed, outputs)
+    report["scene_bands"] = list(run.scene.bands)
     with atomic_path(out / REPORT) as tmp:
         tmp.write_text(json.dumps(report, indent=2))
     return report

@@ -13,7 +13,7 @@ from geodino.pipeline import build_run, write_scene
 from geodino.report import REPORT
 
 OUTPUT_NAMES = ("canopy_height.tif", "landcover.tif", "landcover_probability.tif", "embeddings.tif",
-                "landcover.gpkg", REPORT)
+                "landcover.gpkg", REPORT, "quicklook.png", "landcover.qml", "canopy_height.qml")
 
 
 def is_complete(out_dir: Path) -> bool:

@@ -247,6 +247,73 @@ def demo(
                            "quicklook": str(png), "report": str(out / "report.json")}, indent=2))
 
 
+def _embedding_options(backbone, profile, bands, window, overlap, batch_size, device) -> dict:
+    """Run options for computing embeddings from a scene (none when SCENE already is embeddings)."""
+    options = dict(profile=profile, bands=_bands(bands), window=window, overlap=overlap, batch_size=batch_size,
+                   device=device)
+    if backbone:
+        options["backbone"] = backbone
+    return {k: v for k, v in options.items() if v is not None}
+
+
+@app.command()
+def similar(
+    scene: str = typer.Argument(..., help="Scene file, or embeddings.tif / an output folder that has one"),
+    exemplar: str = typer.Option(..., help="x,y in the scene's CRS, or a vector file (points or polygons)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (similarity.tif; embeddings.tif for a scene)"),
+    backbone: Optional[str] = typer.Option(None, help="DINOv3 backbone, needed when SCENE is a scene"),
+    profile: Optional[str] = typer.Option(None, help="Sensor profile (default auto)"),
+    bands: Optional[str] = typer.Option(None, help="Comma-separated R,G,B bands by index or description"),
+    window: Optional[int] = typer.Option(None, help="Window size in pixels"),
+    overlap: Optional[int] = typer.Option(None, help="Window overlap in pixels"),
+    batch_size: Optional[int] = typer.Option(None, help="Windows per model call"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or auto"),
+    overwrite: bool = typer.Option(False, help="Replace existing outputs"),
+) -> None:
+    """Cosine similarity of every patch embedding to an exemplar's mean embedding (similarity.tif)."""
+    from geodino.analysis import parse_exemplar, write_similarity
+
+    opts = _embedding_options(backbone, profile, bands, window, overlap, batch_size, device)
+    typer.echo(str(write_similarity(scene, parse_exemplar(exemplar), out, overwrite=overwrite, **opts)))
+
+
+@app.command()
+def cluster(
+    scene: str = typer.Argument(..., help="Scene file, or embeddings.tif / an output folder that has one"),
+    k: int = typer.Option(8, "--k", "-k", help="Number of clusters (2-254)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (clusters.tif, clusters.qml)"),
+    seed: int = typer.Option(0, help="Random seed: the same seed gives the same clusters"),
+    backbone: Optional[str] = typer.Option(None, help="DINOv3 backbone, needed when SCENE is a scene"),
+    profile: Optional[str] = typer.Option(None, help="Sensor profile (default auto)"),
+    bands: Optional[str] = typer.Option(None, help="Comma-separated R,G,B bands by index or description"),
+    window: Optional[int] = typer.Option(None, help="Window size in pixels"),
+    overlap: Optional[int] = typer.Option(None, help="Window overlap in pixels"),
+    batch_size: Optional[int] = typer.Option(None, help="Windows per model call"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or auto"),
+    overwrite: bool = typer.Option(False, help="Replace existing outputs"),
+) -> None:
+    """Streaming k-means of the patch embeddings: a cluster map COG with a colour table."""
+    from geodino.analysis import cluster as run_cluster
+
+    opts = _embedding_options(backbone, profile, bands, window, overlap, batch_size, device)
+    result = run_cluster(scene, k, seed=seed, out=out, overwrite=overwrite, **opts)
+    typer.echo(str(result.path))
+
+
+@app.command()
+def explore(
+    out_dir: Path = typer.Argument(..., help="Output folder of `geodino run` (or a scene's subfolder)"),
+    html: Path = typer.Option(..., "--html", help="Standalone HTML file to write"),
+    max_size: int = typer.Option(1024, help="Largest side of each raster layer in pixels (bounds the file size)"),
+    basemap: bool = typer.Option(True, "--basemap/--no-basemap", help="Add an OpenStreetMap layer (loads when online)"),
+    overwrite: bool = typer.Option(False, help="Replace an existing HTML file"),
+) -> None:
+    """An interactive web map of a run's outputs (layers, legends, click to read values) as one HTML file."""
+    from geodino.explore import save_html
+
+    typer.echo(str(save_html(out_dir, html, max_size=max_size, basemap=basemap, overwrite=overwrite)))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)

@@ -165,11 +165,7 @@ def _describe(dst, out: RasterOutput) -> None:
     if out.tags:
         dst.update_tags(**{k: str(v) for k, v in out.tags.items()})
     if out.classes is not None:
-        # A TIFF colour table always has 256 entries; GDAL fills those not given with opaque
-        # black, which viewers then draw. Unused codes are written transparent instead.
-        table = {code: (0, 0, 0, 0) for code in range(256)}
-        table.update(out.classes.colormap())
-        dst.write_colormap(1, table)
+        dst.write_colormap(1, out.classes.colormap())
         dst.update_tags(1, class_codes=",".join(map(str, out.classes.codes)),
                         class_names=",".join(out.classes.names))
         # GDAL's raster attribute-style category names: index = pixel value

@@ -2,8 +2,9 @@
 
 QGIS opens ``landcover.tif`` with the style in ``landcover.qml`` beside it (same base name),
 and a GeoPackage layer with the default row of its ``layer_styles`` table. A GeoTIFF colour
-table always has 256 entries, so without a style QGIS would list all 256 in its legend; the
-paletted style lists exactly the classes of the table, with their names.
+table always has 256 entries (TIFF stores no alpha, so unused ones read as opaque black), and
+without a style QGIS lists all 256 in its legend; the paletted style lists exactly the classes
+of the table, with their names.
 
 Written by hand because no maintained Python library writes QGIS styles without QGIS
 itself (pyqgis); the XML is the subset QGIS 3 reads for these renderers.

@@ -59,6 +59,10 @@ _LAZY = {
     "FitConfig": "geodino.train",
     "metrics": "geodino.metrics",
     "synth": "geodino.synth",
+    "plot": "geodino.plot",
+    "explore": "geodino.webmap",
+    "similarity": "geodino.analysis",
+    "cluster": "geodino.analysis",
 }
 
 

@@ -128,8 +128,11 @@ def _geometries(exemplar, crs):
         path = Path(exemplar)
         if not path.exists():
             raise InputError(f"{path}: exemplar file not found")
+        from geodino.styles import feature_layers
+
         try:
-            exemplar = gpd.read_file(path)
+            layers = feature_layers(path)
+            exemplar = gpd.read_file(path, layer=layers[0] if layers else None)
         except Exception as e:  # pyogrio raises its own DataSourceError
             raise InputError(f"{path}: not a vector file GDAL can read ({e})") from None
     if isinstance(exemplar, (gpd.GeoDataFrame, gpd.GeoSeries)):

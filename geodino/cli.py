@@ -309,7 +309,7 @@ def explore(
     overwrite: bool = typer.Option(False, help="Replace an existing HTML file"),
 ) -> None:
     """An interactive web map of a run's outputs (layers, legends, click to read values) as one HTML file."""
-    from geodino.explore import save_html
+    from geodino.webmap import save_html
 
     typer.echo(str(save_html(out_dir, html, max_size=max_size, basemap=basemap, overwrite=overwrite)))
 

@@ -127,8 +127,8 @@ def class_table_of(source) -> ClassTable:
     return ClassTable(tuple(LandCoverClass(c, n, tuple(cmap[c][:3])) for c, n in zip(codes, names)), nodata=nodata)
 
 
-def class_image(source, classes: ClassTable | None = None, max_size: int = MAX_SIZE) -> tuple[MapImage, ClassTable]:
-    """Land-cover classes as an RGBA image in the table's colours (unknown codes and nodata transparent)."""
+def class_codes(source, classes: ClassTable | None = None, max_size: int = MAX_SIZE) -> tuple[MapImage, ClassTable]:
+    """Land-cover codes (uint8, the table's nodata where there is none) and the class table."""
     classes = classes or class_table_of(source)
     var = _variable(source, "landcover")
     if var is not None:
@@ -139,10 +139,21 @@ def class_image(source, classes: ClassTable | None = None, max_size: int = MAX_S
             raise _missing(source, "land cover")
         data, extent, crs, _, _ = _read_tif(path, max_size, categorical=True)
         codes = data.filled(classes.nodata)
+    return MapImage(np.asarray(codes, np.uint8), extent, crs), classes
+
+
+def class_colors(codes: np.ndarray, classes: ClassTable) -> np.ndarray:
+    """RGBA (h, w, 4) uint8 of class codes in the table's colours; other codes transparent."""
     lut = np.zeros((256, 4), np.uint8)
     for c in classes.classes:
         lut[c.code] = (*c.color, 255)
-    return MapImage(lut[np.asarray(codes, np.uint8)], extent, crs), classes
+    return lut[np.asarray(codes, np.uint8)]
+
+
+def class_image(source, classes: ClassTable | None = None, max_size: int = MAX_SIZE) -> tuple[MapImage, ClassTable]:
+    """Land-cover classes as an RGBA image in the table's colours (unknown codes and nodata transparent)."""
+    codes, classes = class_codes(source, classes, max_size)
+    return replace(codes, data=class_colors(codes.data, classes)), classes
 
 
 def _scene_reference(source):
@@ -353,4 +364,4 @@ def _has(source, name: str) -> bool:
     return isinstance(source, (str, Path)) and Path(source).is_dir() and (Path(source) / f"{name}.tif").exists()
 
 __all__ = ["scene", "canopy", "landcover", "side_by_side", "draw", "rgb_image", "height_image", "class_image",
-           "class_table_of", "map_units", "MapImage"]
+           "class_codes", "class_colors", "class_table_of", "map_units", "MapImage"]

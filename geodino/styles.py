@@ -153,6 +153,13 @@ def write_gpkg_style(gpkg: str | Path, layer: str, qml: str, *, name: str | None
     con.close()
 
 
+def feature_layers(path: str | Path) -> list[str]:
+    """The layers of a vector file that have geometries (not ``layer_styles`` or other tables)."""
+    import pyogrio
+
+    return [str(name) for name, geometry in pyogrio.list_layers(path) if geometry is not None]
+
+
 def style_outputs(out_dir: str | Path, classes: ClassTable | None, outputs: dict) -> dict:
     """Write the styles of a run's outputs (names as in ``report.json``'s outputs); returns the
     new outputs (``landcover_style`` -> ``landcover.qml`` ...)."""
@@ -168,5 +175,5 @@ def style_outputs(out_dir: str | Path, classes: ClassTable | None, outputs: dict
     return written
 
 
-__all__ = ["landcover_qml", "height_qml", "polygons_qml", "write_qml", "write_gpkg_style", "style_outputs",
+__all__ = ["landcover_qml", "height_qml", "polygons_qml", "write_qml", "write_gpkg_style", "style_outputs", "feature_layers",
            "height_range", "HEIGHT_RAMP"]

@@ -54,6 +54,8 @@ def _read_tif(path: Path, max_size: int, *, categorical: bool):
 
 def _decimate(arr, max_size: int):
     """A strided read of a (y, x) DataArray (lazy ones compute only what is kept)."""
+    import rioxarray  # noqa: F401  (registers .rio)
+
     step = max(1, int(np.ceil(max(arr.sizes["y"], arr.sizes["x"]) / max_size)))
     west, south, east, north = arr.rio.bounds()
     return np.asarray(arr.isel(y=slice(None, None, step), x=slice(None, None, step)).values), \

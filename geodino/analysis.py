@@ -133,7 +133,7 @@ def _geometries(exemplar, crs):
         try:
             layers = feature_layers(path)
             exemplar = gpd.read_file(path, layer=layers[0] if layers else None)
-        except Exception as e:  # pyogrio raises its own DataSourceError
+        except (OSError, ValueError, RuntimeError) as e:  # pyogrio's DataSourceError is a RuntimeError
             raise InputError(f"{path}: not a vector file GDAL can read ({e})") from None
     if isinstance(exemplar, (gpd.GeoDataFrame, gpd.GeoSeries)):
         if exemplar.crs is None:
@@ -330,7 +330,7 @@ def cluster_table(k: int):
         colors = matplotlib.colormaps["tab20" if k > 10 else "tab10"].colors[:k]
     else:
         colors = matplotlib.colormaps["hsv"](np.linspace(0, 1, k, endpoint=False))[:, :3]
-    return ClassTable(tuple(LandCoverClass(i + 1, f"cluster {i + 1}", tuple(int(round(v * 255)) for v in rgb[:3]))
+    return ClassTable(tuple(LandCoverClass(i + 1, f"cluster {i + 1}", tuple(round(v * 255) for v in rgb[:3]))
                             for i, rgb in enumerate(colors)), nodata=0)
 
 
@@ -411,5 +411,18 @@ def write_similarity(source, exemplar, out: str | Path, *, overwrite: bool = Fal
     return path
 
 
-__all__ = ["similarity", "write_similarity", "parse_exemplar", "similarity_map", "exemplar_embedding", "exemplar_mask", "cluster", "fit_clusters",
-           "embeddings_of", "open_embeddings", "compute_embeddings", "cluster_table", "Clusters"]
+__all__ = [
+    "Clusters",
+    "cluster",
+    "cluster_table",
+    "compute_embeddings",
+    "embeddings_of",
+    "exemplar_embedding",
+    "exemplar_mask",
+    "fit_clusters",
+    "open_embeddings",
+    "parse_exemplar",
+    "similarity",
+    "similarity_map",
+    "write_similarity",
+]

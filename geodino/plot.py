@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geodino.classes import ClassTable, LandCoverClass, WORLDCOVER
+from geodino.classes import WORLDCOVER, ClassTable, LandCoverClass
 from geodino.errors import InputError
 
 MAX_SIZE = 1200
@@ -63,6 +63,8 @@ def _decimate(arr, max_size: int):
 
 
 def _output_file(source, name: str) -> Path | None:
+    if not isinstance(source, (str, Path)):
+        return None
     p = Path(source)
     if p.is_dir():
         return p / f"{name}.tif" if (p / f"{name}.tif").exists() else None
@@ -74,7 +76,7 @@ def _variable(source, name: str):
     import xarray as xr
 
     if isinstance(source, xr.Dataset):
-        return source[name] if name in source else None
+        return source.get(name)
     if isinstance(source, xr.DataArray) and source.ndim == 2:
         return source
     return None
@@ -298,18 +300,37 @@ def scene(source, *, ax=None, bands=None, profile: str | None = None, stretch=No
 def canopy(source, *, ax=None, vmax: float | None = None, cmap: str = HEIGHT_CMAP, colorbar: bool = True,
            title: str = "canopy height", max_size: int = MAX_SIZE):
     """Draw canopy height in metres (nodata transparent) with a metres colourbar; returns the axes."""
-    import matplotlib
-
     image = height_image(source, max_size)
     finite = image.data[np.isfinite(image.data)]
     if vmax is None:
         vmax = max(1.0, float(np.ceil(np.percentile(finite, 99)))) if finite.size else 1.0
+    return _continuous(image, ax, cmap, 0.0, vmax, "canopy height (m)" if colorbar else None, title)
+
+
+def values(data, *, ax=None, cmap: str = "magma", vmin: float | None = None, vmax: float | None = None,
+           label: str | None = None, title: str | None = None, max_size: int = MAX_SIZE):
+    """Draw any continuous (y, x) DataArray with CRS (similarity, a probability ...) on map axes
+    with a colourbar labelled ``label`` (default: its long_name and units); NaN transparent."""
+    var = _variable(data, "")
+    if var is None:
+        raise InputError("values() draws a (y, x) DataArray with a CRS")
+    image = MapImage(*_decimate(var, max_size))
+    image = replace(image, data=image.data.astype(np.float32))
+    units = var.attrs.get("units")
+    label = label or " ".join(filter(None, [var.attrs.get("long_name", var.name or ""),
+                                            f"({units})" if units and units != "1" else ""]))
+    return _continuous(image, ax, cmap, vmin, vmax, label, title if title is not None else str(var.name or ""))
+
+
+def _continuous(image: MapImage, ax, cmap: str, vmin, vmax, label: str | None, title: str):
+    import matplotlib
+
     colours = matplotlib.colormaps[cmap].copy()
     colours.set_bad((0, 0, 0, 0))
     ax = _axes(ax)
-    im = draw(ax, replace(image, data=np.ma.masked_invalid(image.data)), cmap=colours, vmin=0, vmax=vmax)
-    if colorbar:
-        ax.figure.colorbar(im, ax=ax, label="canopy height (m)", shrink=0.85)
+    im = draw(ax, replace(image, data=np.ma.masked_invalid(image.data)), cmap=colours, vmin=vmin, vmax=vmax)
+    if label is not None:
+        ax.figure.colorbar(im, ax=ax, label=label, shrink=0.85)
     ax.set_title(title)
     return ax
 
@@ -365,5 +386,19 @@ def _has(source, name: str) -> bool:
         return name in source
     return isinstance(source, (str, Path)) and Path(source).is_dir() and (Path(source) / f"{name}.tif").exists()
 
-__all__ = ["scene", "canopy", "landcover", "side_by_side", "draw", "rgb_image", "height_image", "class_image",
-           "class_codes", "class_colors", "class_table_of", "map_units", "MapImage"]
+__all__ = [
+    "MapImage",
+    "canopy",
+    "class_codes",
+    "class_colors",
+    "class_image",
+    "class_table_of",
+    "draw",
+    "height_image",
+    "landcover",
+    "map_units",
+    "rgb_image",
+    "scene",
+    "side_by_side",
+    "values",
+]

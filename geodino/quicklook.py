@@ -36,4 +36,4 @@ def quicklook(out_dir: str | Path, png: str | Path | None = None, *, scene=None,
     return png
 
 
-__all__ = ["quicklook", "QUICKLOOK"]
+__all__ = ["QUICKLOOK", "quicklook"]

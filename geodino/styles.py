@@ -175,5 +175,14 @@ def style_outputs(out_dir: str | Path, classes: ClassTable | None, outputs: dict
     return written
 
 
-__all__ = ["landcover_qml", "height_qml", "polygons_qml", "write_qml", "write_gpkg_style", "style_outputs", "feature_layers",
-           "height_range", "HEIGHT_RAMP"]
+__all__ = [
+    "HEIGHT_RAMP",
+    "feature_layers",
+    "height_qml",
+    "height_range",
+    "landcover_qml",
+    "polygons_qml",
+    "style_outputs",
+    "write_gpkg_style",
+    "write_qml",
+]

@@ -243,7 +243,9 @@ def _vector_layers(folder: Path, classes_by_code: dict, pixel: float):
 def _leaflet_assets(leaflet_dir: str | Path | None):
     """data: URLs of a local Leaflet's JS and CSS, or None."""
     for folder in ([Path(leaflet_dir)] if leaflet_dir else list(LEAFLET_DIRS)):
-        js, css = folder / "leaflet.js", folder / "leaflet.css"
+        js, css = folder / "leaflet.min.js", folder / "leaflet.css"
+        if not js.exists():
+            js = folder / "leaflet.js"
         if js.exists() and css.exists():
             return ("data:text/javascript;base64," + base64.b64encode(js.read_bytes()).decode(),
                     "data:text/css;base64," + base64.b64encode(css.read_bytes()).decode())
@@ -261,10 +263,9 @@ def explore(source, *, max_size: int = 1024, value_size: int = 256, basemap: boo
     import folium
     import xarray as xr
 
-    if not isinstance(source, xr.Dataset):
-        if not Path(source).is_dir():
-            raise InputError(f"{source}: not an output folder; pass the --out folder of `geodino run` "
-                             "or a run_scene Dataset")
+    if not isinstance(source, xr.Dataset) and not Path(source).is_dir():
+        raise InputError(f"{source}: not an output folder; pass the --out folder of `geodino run` "
+                         "or a run_scene Dataset")
     layers = layers_of(source, max_size=max_size, value_size=value_size)
     vectors = []
     if not isinstance(source, xr.Dataset):
@@ -366,19 +367,21 @@ def _geojson(name: str, gdf, classes: dict | None):
 
 def _script(map_name: str, grids: list, legends: str) -> str:
     """Legend control and click-to-read popup (plain Leaflet, no other library)."""
-    return """
+    from string import Template
+
+    return Template("""
 (function() {
-  var map = %s;
-  var grids = %s;
+  var map = $map;
+  var grids = $grids;
   var legend = L.control({position: 'bottomright'});
   legend.onAdd = function() {
     var div = L.DomUtil.create('div', 'geodino-legend');
     div.style.cssText = 'background:white;padding:6px 8px;font:12px sans-serif;border-radius:4px;'
       + 'box-shadow:0 0 4px rgba(0,0,0,0.4);max-height:60vh;overflow:auto';
-    div.innerHTML = %s;
+    div.innerHTML = $legends;
     return div;
   };
-  if (%s.length) legend.addTo(map);
+  if ($legends.length) legend.addTo(map);
   function toggle(e, shown) {  // a legend shows only while its layer does
     document.querySelectorAll('.geodino-legend-item').forEach(function(d) {
       if (d.getAttribute('data-layer') === e.name) d.style.display = shown ? 'block' : 'none';
@@ -401,7 +404,7 @@ def _script(map_name: str, grids: list, legends: str) -> str:
     L.popup().setLatLng(e.latlng).setContent(lines.join('<br>')).openOn(map);
   });
 })();
-""" % (map_name, json.dumps(grids, separators=(",", ":")), json.dumps(legends), json.dumps(legends))
+""").substitute(map=map_name, grids=json.dumps(grids, separators=(",", ":")), legends=json.dumps(legends))
 
 
 def save_html(source, html: str | Path, *, overwrite: bool = False, **kwargs) -> Path:
@@ -416,4 +419,4 @@ def save_html(source, html: str | Path, *, overwrite: bool = False, **kwargs) ->
     return html
 
 
-__all__ = ["explore", "save_html", "layers_of", "Layer"]
+__all__ = ["Layer", "explore", "layers_of", "save_html"]

@@ -144,7 +144,7 @@ def test_cli_similar_and_cluster_on_embeddings(tmp_path, capsys):
 def test_cli_similar_runs_a_scene_through_the_engine_once(tmp_path, tiny_models, small_scene, capsys, monkeypatch):
     import json
 
-    import geodino.stitch as stitch
+    from geodino import stitch
 
     inferred = []
     run_batch = stitch.run_batch

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import matplotlib
 
-matplotlib.use("Agg")  # noqa: E402  (tests draw off-screen)
+matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -28,7 +28,7 @@ def _pixel(ax, x: float, y: float) -> np.ndarray:
     image = np.asarray(fig.canvas.buffer_rgba())
     scale, _ = plot.map_units(EXTENT, vd.CRS32633)
     dx, dy = ax.transData.transform((x / scale, y / scale))
-    return image[image.shape[0] - int(round(dy)), int(round(dx)), :3]
+    return image[image.shape[0] - round(dy), round(dx), :3]
 
 
 

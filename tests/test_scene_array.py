@@ -38,7 +38,7 @@ def test_array_scene_keeps_nodata_band_names_and_pickles(small_scene):
     assert scene.nodata == 0
     from rasterio.windows import Window
 
-    raw, valid = scene.read(Window(0, 0, 20, 20))
+    _, valid = scene.read(Window(0, 0, 20, 20))
     assert not valid[:10, :10].any() and valid[10:, 10:].all()
     assert pickle.loads(pickle.dumps(scene)) == scene
     assert open_scene(arr, bands=["red", "green", "blue"]).source == scene.source  # written once

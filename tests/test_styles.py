@@ -10,8 +10,15 @@ import pytest
 import shapely
 
 from geodino.classes import WORLDCOVER, ClassTable, LandCoverClass
-from geodino.styles import (feature_layers, height_qml, landcover_qml, polygons_qml, style_outputs, write_gpkg_style,
-                            write_qml)
+from geodino.styles import (
+    feature_layers,
+    height_qml,
+    landcover_qml,
+    polygons_qml,
+    style_outputs,
+    write_gpkg_style,
+    write_qml,
+)
 from tests import vizdata as vd
 
 

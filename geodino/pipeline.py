@@ -23,7 +23,7 @@ import xarray as xr
 import geodino
 from geodino.classes import ClassTable
 from geodino.errors import ConfigError
-from geodino.export import RasterOutput, atomic_path, polygonize, write_rasters
+from geodino.export import RasterOutput, atomic_path, check_writable, polygonize, write_rasters
 from geodino.options import RunOptions, load_pipeline
 from geodino.predict import ModelBundle, auto_batch_size
 from geodino.progress import Progress
@@ -175,6 +175,9 @@ def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, 
         rasters.append(RasterOutput(out / "embeddings.tif", emb, dtype=o.embeddings_dtype, nodata=float("nan"),
                                     descriptions=[f"embedding {i}" for i in range(emb.shape[0])], tags=tags,
                                     overview_resampling="average", grid=grid.coarsen(run.bundle.patch_size)))
+    # styles and the quicklook are outputs too: never replace such files without overwrite
+    extras = [out / f"{r.path.stem}.qml" for r in rasters if r.path.stem in ("landcover", "canopy_height")]
+    check_writable(extras + ([out / "quicklook.png"] if o.quicklook else []), overwrite)
     total = len(run.tiles)
     start = time.perf_counter()
     with Progress(f"{run.scene.name}", total=total, enabled=None if not quiet else False) as bar:

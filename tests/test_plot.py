@@ -117,3 +117,27 @@ def test_nothing_to_draw_is_a_clear_error(tmp_path):
         plot.landcover(tmp_path)
     with pytest.raises(InputError, match="nothing to draw"):
         plot.side_by_side(tmp_path)
+
+
+def test_geodino_run_writes_quicklook_and_styles(tmp_path, tiny_models, small_scene):
+    import json
+    import sqlite3
+
+    from PIL import Image
+
+    from geodino.cli import main
+
+    args = ["run", str(small_scene.scene), "--backbone", tiny_models["backbone"], "--canopy-head",
+            tiny_models["canopy"], "--landcover-head", tiny_models["landcover"], "--window", "128",
+            "--overlap", "32"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    out = tmp_path / "a"
+    report = json.loads((out / "report.json").read_text())
+    assert report["outputs"]["quicklook"] == "quicklook.png" and report["scene_bands"] == [3, 2, 1]
+    assert report["outputs"]["landcover_style"] == "landcover.qml"
+    image = np.asarray(Image.open(out / "quicklook.png").convert("RGB"))
+    assert image.shape[1] > 2.5 * image.shape[0]
+    with sqlite3.connect(out / "landcover.gpkg") as con:
+        assert con.execute("SELECT count(*) FROM layer_styles WHERE useAsDefault").fetchone() == (1,)
+    assert main([*args, "--out", str(tmp_path / "b"), "--no-quicklook"]) == 0
+    assert not (tmp_path / "b" / "quicklook.png").exists() and (tmp_path / "b" / "landcover.qml").exists()

@@ -20,6 +20,13 @@ import xarray as xr
 from geodino.errors import InputError
 
 EMBEDDINGS = "embeddings.tif"
+BLOCK_BYTES = 8 * 2**20  # embeddings per dask block: a few of these are in flight at once
+STRIP_BYTES = 32 * 2**20  # embeddings per strip when fitting clusters
+
+
+def block_side(dim: int) -> int:
+    """Side of a square block of ``dim``-long embeddings of about BLOCK_BYTES (16..512)."""
+    return int(min(512, max(16, (BLOCK_BYTES / (4 * dim)) ** 0.5 // 16 * 16)))
 
 
 # --------------------------------------------------------------------------------------
@@ -37,8 +44,10 @@ def _as_patch_grid(emb: xr.DataArray) -> xr.DataArray:
     return emb
 
 
-def open_embeddings(path: str | Path, block: int = 256) -> xr.DataArray:
-    """An ``embeddings.tif`` (or the one in an output folder) as a lazy (embedding, y, x) DataArray."""
+def open_embeddings(path: str | Path, block: int | None = None) -> xr.DataArray:
+    """An ``embeddings.tif`` (or the one in an output folder) as a lazy (embedding, y, x) DataArray
+    in blocks of ``block`` patches a side (default: about 8 MB each, whatever the embedding size)."""
+    import rasterio
     import rioxarray
 
     p = Path(path)
@@ -46,6 +55,9 @@ def open_embeddings(path: str | Path, block: int = 256) -> xr.DataArray:
         p = p / EMBEDDINGS
     if not p.exists():
         raise InputError(f"{p}: no embeddings raster; run with --embeddings (geodino run / features) first")
+    if block is None:
+        with rasterio.open(p) as src:
+            block = block_side(src.count)
     arr = rioxarray.open_rasterio(p, chunks={"band": -1, "y": block, "x": block}, masked=False, lock=False)
     return _as_patch_grid(arr)
 
@@ -210,7 +222,8 @@ def similarity_map(emb: xr.DataArray, reference: np.ndarray) -> xr.DataArray:
     emb = _as_patch_grid(emb)
     ref = np.asarray(reference, np.float32)
     unit = ref / max(float(np.linalg.norm(ref)), 1e-12)
-    data = emb.data if isinstance(emb.data, da.Array) else da.from_array(emb.data, chunks=(-1, 512, 512))
+    side = block_side(emb.sizes["embedding"])
+    data = emb.data if isinstance(emb.data, da.Array) else da.from_array(emb.data, chunks=(-1, side, side))
     data = data.rechunk({0: -1})
     sim = da.map_blocks(_cosine, data, unit, drop_axis=0, dtype=np.float32)
     out = xr.DataArray(sim, dims=("y", "x"), coords={"y": emb.y, "x": emb.x}, name="similarity",
@@ -271,34 +284,40 @@ def _kept(index: np.ndarray, seed: int, fraction: float) -> np.ndarray:
 
 
 def fit_clusters(emb: xr.DataArray, k: int, *, seed: int = 0, block_rows: int | None = None,
-                 batch_size: int = 2048, max_samples: int = 200_000, epochs: int = 3, progress=None):
+                 batch_size: int = 2048, max_samples: int = 200_000, epochs: int = 3,
+                 progress: bool | None = False):
     """Fit MiniBatchKMeans (cosine: on unit-length embeddings) with ``partial_fit``, streaming
     strips of ``block_rows`` patch rows.
 
     Samples reach ``partial_fit`` in fixed batches of ``batch_size`` in row-major order, and
     the subsample (at most ``max_samples`` patches) is fixed by patch position and seed, so the
     result does not depend on ``block_rows`` (memory only). Returns the fitted estimator.
+    ``progress``: show strips done (None: on a terminal, plain lines otherwise).
     """
     from sklearn.cluster import MiniBatchKMeans
 
+    from geodino.progress import Progress
+
     emb = _as_patch_grid(emb)
     h, w = emb.sizes["y"], emb.sizes["x"]
-    block_rows = block_rows or max(1, (emb.chunks[1][0] if emb.chunks else 64))
+    # strips of about STRIP_BYTES: memory does not grow with the scene's width
+    block_rows = block_rows or max(1, STRIP_BYTES // (4 * emb.sizes["embedding"] * w))
     fraction = min(1.0, max_samples / max(1, h * w))
     model = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=batch_size, n_init=3)
     pending, seen = [], 0
-    for _ in range(epochs):
-        for r0 in range(0, h, block_rows):
-            vectors, index = _strip_vectors(emb, r0, min(h, r0 + block_rows))
-            pending.append(vectors[_kept(index, seed, fraction)])
-            buffered = np.concatenate(pending)
-            full = len(buffered) // batch_size * batch_size
-            for b in range(0, full, batch_size):
-                model.partial_fit(buffered[b:b + batch_size])
-            seen += full
-            pending = [buffered[full:]]
-            if progress is not None:
-                progress(1)
+    strips = range(0, h, block_rows)
+    with Progress("k-means", total=epochs * len(strips), unit="strips", enabled=progress) as bar:
+        for _ in range(epochs):
+            for r0 in strips:
+                vectors, index = _strip_vectors(emb, r0, min(h, r0 + block_rows))
+                pending.append(vectors[_kept(index, seed, fraction)])
+                buffered = np.concatenate(pending)
+                full = len(buffered) // batch_size * batch_size
+                for b in range(0, full, batch_size):
+                    model.partial_fit(buffered[b:b + batch_size])
+                seen += full
+                pending = [buffered[full:]]
+                bar.advance(1)
     rest = np.concatenate(pending)
     if len(rest) and (seen or len(rest) >= k):
         model.partial_fit(rest)
@@ -335,7 +354,8 @@ def cluster_table(k: int):
 
 
 def cluster(source, k: int = 8, *, seed: int = 0, block_rows: int | None = None, out: str | Path | None = None,
-            overwrite: bool = False, max_samples: int = 200_000, epochs: int = 3, **run_options) -> Clusters:
+            overwrite: bool = False, max_samples: int = 200_000, epochs: int = 3, progress: bool | None = False,
+            **run_options) -> Clusters:
     """Streaming k-means of the patch embeddings into ``k`` clusters (labels 1..k, 0 nodata).
 
     ``source``: as :func:`embeddings_of` takes it; a lazy engine result or a scene is
@@ -353,9 +373,11 @@ def cluster(source, k: int = 8, *, seed: int = 0, block_rows: int | None = None,
         check_writable([target / "clusters.tif"], overwrite)
     emb = embeddings_of(source, workdir=target, **run_options)
     emb = _materialised(emb, target or Path(tempfile.mkdtemp(prefix="geodino-clusters-")))
-    model = fit_clusters(emb, int(k), seed=seed, block_rows=block_rows, max_samples=max_samples, epochs=epochs)
+    model = fit_clusters(emb, int(k), seed=seed, block_rows=block_rows, max_samples=max_samples, epochs=epochs,
+                         progress=progress)
     centers = _unit_rows(model.cluster_centers_.astype(np.float32))
-    data = emb.data if isinstance(emb.data, da.Array) else da.from_array(emb.data, chunks=(-1, 512, 512))
+    side = block_side(emb.sizes["embedding"])
+    data = emb.data if isinstance(emb.data, da.Array) else da.from_array(emb.data, chunks=(-1, side, side))
     labels = da.map_blocks(_predict, data.rechunk({0: -1}), centers, drop_axis=0, dtype=np.uint8)
     classes = cluster_table(int(k))
     arr = xr.DataArray(labels, dims=("y", "x"), coords={"y": emb.y, "x": emb.x}, name="clusters",

@@ -296,7 +296,7 @@ def cluster(
     from geodino.analysis import cluster as run_cluster
 
     opts = _embedding_options(backbone, profile, bands, window, overlap, batch_size, device)
-    result = run_cluster(scene, k, seed=seed, out=out, overwrite=overwrite, **opts)
+    result = run_cluster(scene, k, seed=seed, out=out, overwrite=overwrite, progress=None, **opts)
     typer.echo(str(result.path))
 
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import CACHE, PEAK, machine, run_child  # noqa: E402
+from _common import CACHE, PEAK, machine, run_child
 
 CHILD = PEAK + """
 import json, sys, time
@@ -48,9 +48,9 @@ def embeddings_raster(size: int, dim: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     freq = rng.uniform(0.5, 6, (dim, 2))
-    profile = dict(driver="GTiff", width=size, height=size, count=dim, dtype="float32", crs="EPSG:32633",
-                   transform=from_origin(500000, 4000000, 9.6, 9.6), nodata=float("nan"), tiled=True,
-                   blockxsize=256, blockysize=256, interleave="pixel")
+    profile = {"driver": "GTiff", "width": size, "height": size, "count": dim, "dtype": "float32",
+               "crs": "EPSG:32633", "transform": from_origin(500000, 4000000, 9.6, 9.6), "nodata": float("nan"),
+               "tiled": True, "blockxsize": 256, "blockysize": 256, "interleave": "pixel"}
     tmp = path.with_suffix(".partial.tif")
     with rasterio.open(tmp, "w", **profile) as dst:
         for i in range(dim):

@@ -31,6 +31,10 @@ _LAZY = {
     "synth": "geodino.synth",
     "crowns": "geodino.trees",
     "CrownParams": "geodino.trees",
+    "plot": "geodino.plot",
+    "explore": "geodino.webmap",
+    "similarity": "geodino.analysis",
+    "cluster": "geodino.analysis",
 }
 
 

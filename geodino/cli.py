@@ -123,6 +123,7 @@ def run(
     workers: Optional[int] = typer.Option(None, help="Threads per process for reading, blending and writing (0: one per CPU core)", show_default=_default("workers")),
     processes: Optional[int] = typer.Option(None, help="Worker processes with --scheduler local", show_default=_default("processes")),
     crowns: Optional[bool] = typer.Option(None, "--crowns/--no-crowns", help="Also find individual trees in the canopy map (trees.gpkg, crowns.tif)", show_default=_default("crowns")),
+    quicklook: Optional[bool] = typer.Option(None, "--quicklook/--no-quicklook", help="Write quicklook.png", show_default=_default("quicklook")),
     overwrite: bool = typer.Option(False, help="Recompute and replace finished outputs"),
     keep_going: bool = typer.Option(False, "--keep-going", help="Run the other scenes when one fails; "
                                     "print a summary table and exit non-zero if any failed"),
@@ -139,7 +140,7 @@ def run(
                      batch_size=batch_size, device=device, embeddings=embeddings, probabilities=probabilities,
                      scheduler=scheduler, compile=compile, target_gsd=target_gsd, polygons=polygons,
                      min_polygon_area=min_polygon_area, chunks=chunks, workers=workers, processes=processes,
-                     crowns=crowns)
+                     crowns=crowns, quicklook=quicklook)
     for key, value in overrides.items():
         if value is not None:
             setattr(options, key, value)
@@ -299,11 +300,11 @@ def demo(
     import json
 
     from geodino.pipeline import build_run, load_pipeline, write_scene
-    from geodino.quicklook import quicklook
 
     samples = _data_samples()
     options = load_pipeline(samples.parent / "pipelines" / "demo.yaml")
     options.device = device
+    options.quicklook = True
     if backbone:
         # the bundled heads belong to the bundled tiny backbone: another backbone gets embeddings
         options.backbone, options.canopy_head, options.landcover_head = backbone, None, None
@@ -313,9 +314,76 @@ def demo(
         options.canopy_model, options.canopy_head = canopy_model, None
     run = build_run(str(samples / "scene" / "scene.tif"), options)
     report = write_scene(run, out, overwrite=overwrite)
-    png = quicklook((samples / "scene" / "scene.tif", [3, 2, 1]), out, out / "quicklook.png")
+    png = out / report["outputs"]["quicklook"]  # write_scene draws it
     typer.echo(json.dumps({"outputs": {k: str(out / v) for k, v in report["outputs"].items()},
                            "quicklook": str(png), "report": str(out / "report.json")}, indent=2))
+
+
+def _embedding_options(backbone, profile, bands, window, overlap, batch_size, device) -> dict:
+    """Run options for computing embeddings from a scene (none when SCENE already is embeddings)."""
+    options = dict(profile=profile, bands=_bands(bands), window=window, overlap=overlap, batch_size=batch_size,
+                   device=device)
+    if backbone:
+        options["backbone"] = backbone
+    return {k: v for k, v in options.items() if v is not None}
+
+
+@app.command()
+def similar(
+    scene: str = typer.Argument(..., help="Scene file, or embeddings.tif / an output folder that has one"),
+    exemplar: str = typer.Option(..., help="x,y in the scene's CRS, or a vector file (points or polygons)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (similarity.tif; embeddings.tif for a scene)"),
+    backbone: Optional[str] = typer.Option(None, help="DINOv3 backbone, needed when SCENE is a scene"),
+    profile: Optional[str] = typer.Option(None, help="Sensor profile (default auto)"),
+    bands: Optional[str] = typer.Option(None, help="Comma-separated R,G,B bands by index or description"),
+    window: Optional[int] = typer.Option(None, help="Window size in pixels"),
+    overlap: Optional[int] = typer.Option(None, help="Window overlap in pixels"),
+    batch_size: Optional[int] = typer.Option(None, help="Windows per model call"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or auto"),
+    overwrite: bool = typer.Option(False, help="Replace existing outputs"),
+) -> None:
+    """Cosine similarity of every patch embedding to an exemplar's mean embedding (similarity.tif)."""
+    from geodino.analysis import parse_exemplar, write_similarity
+
+    opts = _embedding_options(backbone, profile, bands, window, overlap, batch_size, device)
+    typer.echo(str(write_similarity(scene, parse_exemplar(exemplar), out, overwrite=overwrite, **opts)))
+
+
+@app.command()
+def cluster(
+    scene: str = typer.Argument(..., help="Scene file, or embeddings.tif / an output folder that has one"),
+    k: int = typer.Option(8, "--k", "-k", help="Number of clusters (2-254)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (clusters.tif, clusters.qml)"),
+    seed: int = typer.Option(0, help="Random seed: the same seed gives the same clusters"),
+    backbone: Optional[str] = typer.Option(None, help="DINOv3 backbone, needed when SCENE is a scene"),
+    profile: Optional[str] = typer.Option(None, help="Sensor profile (default auto)"),
+    bands: Optional[str] = typer.Option(None, help="Comma-separated R,G,B bands by index or description"),
+    window: Optional[int] = typer.Option(None, help="Window size in pixels"),
+    overlap: Optional[int] = typer.Option(None, help="Window overlap in pixels"),
+    batch_size: Optional[int] = typer.Option(None, help="Windows per model call"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or auto"),
+    overwrite: bool = typer.Option(False, help="Replace existing outputs"),
+) -> None:
+    """Streaming k-means of the patch embeddings: a cluster map COG with a colour table."""
+    from geodino.analysis import cluster as run_cluster
+
+    opts = _embedding_options(backbone, profile, bands, window, overlap, batch_size, device)
+    result = run_cluster(scene, k, seed=seed, out=out, overwrite=overwrite, progress=None, **opts)
+    typer.echo(str(result.path))
+
+
+@app.command()
+def explore(
+    out_dir: Path = typer.Argument(..., help="Output folder of `geodino run` (or a scene's subfolder)"),
+    html: Path = typer.Option(..., "--html", help="Standalone HTML file to write"),
+    max_size: int = typer.Option(1024, help="Largest side of each raster layer in pixels (bounds the file size)"),
+    basemap: bool = typer.Option(True, "--basemap/--no-basemap", help="Add an OpenStreetMap layer (loads when online)"),
+    overwrite: bool = typer.Option(False, help="Replace an existing HTML file"),
+) -> None:
+    """An interactive web map of a run's outputs (layers, legends, click to read values) as one HTML file."""
+    from geodino.webmap import save_html
+
+    typer.echo(str(save_html(out_dir, html, max_size=max_size, basemap=basemap, overwrite=overwrite)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,7 @@ class RunOptions:
     compress: str = "DEFLATE"
     layers: list | None = None  # backbone blocks the heads read (default: the backbone's usual four)
     crowns: bool = False  # individual trees (trees.gpkg, crowns.tif) from the canopy raster
+    quicklook: bool = True  # write quicklook.png (scene, canopy height, land cover) beside the outputs
 
     @classmethod
     def from_mapping(cls, data: dict, source: str = "config") -> "RunOptions":

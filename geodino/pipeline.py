@@ -101,7 +101,8 @@ def build_run(scene_paths, options: RunOptions, progress=None) -> SceneRun:
         labels = da.map_blocks(_argmax_codes, logits.data, codes, classes.nodata, drop_axis=0, dtype=np.uint8)
         lc = xr.DataArray(labels, dims=("y", "x"), coords={"y": logits.y, "x": logits.x},
                           attrs={"long_name": "land cover", "class_codes": list(classes.codes),
-                                 "class_names": list(classes.names), "_FillValue": classes.nodata})
+                                 "class_names": list(classes.names), "_FillValue": classes.nodata,
+                                 "class_colors": [v for c in classes.classes for v in c.color]})
         variables["landcover"] = lc
         if options.probabilities:
             probs = logits.copy(data=da.map_blocks(_softmax, logits.data, dtype=np.float32))
@@ -114,6 +115,9 @@ def build_run(scene_paths, options: RunOptions, progress=None) -> SceneRun:
     ds = ds.rio.write_crs(scene.grid.crs)
     ds.attrs.update(scene=scene.name, backbone=options.backbone, profile=norm.profile, window=spec.size,
                     overlap=spec.overlap, geodino_version=geodino.__version__)
+    # what geodino.plot needs to draw the scene as the model saw it
+    ds.attrs.update(scene_paths=json.dumps(list(scene.paths)), scene_bands=list(scene.bands),
+                    normalisation=json.dumps(norm.to_dict()))
     return SceneRun(ds, scene, norm, bundle, tiles, options, classes, hooks)
 
 
@@ -223,6 +227,9 @@ def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, 
                                     overview_resampling="average", grid=grid.coarsen(run.bundle.patch_size)))
     if o.crowns:  # refuse before the long part, not after it
         check_writable([out / "trees.gpkg", out / "crowns.tif"], overwrite)
+    # styles and the quicklook are outputs too: never replace such files without overwrite
+    extras = [out / f"{r.path.stem}.qml" for r in rasters if r.path.stem in ("landcover", "canopy_height")]
+    check_writable(extras + ([out / "quicklook.png"] if o.quicklook else []), overwrite)
     total = len(run.tiles)
     start = time.perf_counter()
     with stack, Progress(f"{run.scene.name}", total=total, enabled=None if not quiet else False) as bar:
@@ -243,10 +250,19 @@ def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, 
         trees = crowns(out / outputs["canopy_height"], out, overwrite=overwrite, write_report=False,
                        progress=False if quiet else None)
         outputs.update({k: p.name for k, p in trees.outputs.items()})
+    from geodino.styles import style_outputs
+
+    outputs.update(style_outputs(out, run.classes, outputs))
+    if o.quicklook:
+        from geodino.quicklook import quicklook
+
+        outputs["quicklook"] = quicklook(out, out / "quicklook.png", scene=run.scene,
+                                         stretch=(run.normalisation.lo, run.normalisation.hi)).name
     with stage("report"):
         report = make_report(run, out, elapsed, outputs, stats)
     if trees is not None:
         report["trees"] = {k: v for k, v in trees.report.items() if k not in ("outputs", "canopy_height")}
+    report["scene_bands"] = list(run.scene.bands)
     with atomic_path(out / REPORT) as tmp:
         tmp.write_text(json.dumps(report, indent=2))
     return report

@@ -34,7 +34,7 @@ from geodino.report import REPORT
 from geodino.runtime import gdal_settings
 
 OUTPUT_NAMES = ("canopy_height.tif", "landcover.tif", "landcover_probability.tif", "embeddings.tif",
-                "landcover.gpkg", REPORT)
+                "landcover.gpkg", REPORT, "quicklook.png", "landcover.qml", "canopy_height.qml")
 RECORD = ".geodino-run.json"  # an unfinished run's fingerprint and planned outputs
 MAX_GROWTH = 16  # --target-gsd may grow the processing grid this many times in pixels without --force
 

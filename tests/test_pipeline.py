@@ -174,18 +174,6 @@ def test_killed_run_resumes_without_redoing_finished_scenes(two_scenes, tmp_path
     assert cog_validate(str(tmp_path / "b" / "landcover.tif"))[0]
 
 
-def test_notebooks_run(tmp_path):
-    import nbformat
-    from nbclient import NotebookClient
-
-    for nb_path in sorted((REPO / "notebooks").glob("*.ipynb")):
-        nb = nbformat.read(nb_path, as_version=4)
-        NotebookClient(nb, timeout=300, kernel_name="python3",
-                       resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
-        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
-        assert not errors, nb_path.name
-
-
 def test_demo_model_is_small_and_documented():
     size = sum(p.stat().st_size for p in MODEL.rglob("*") if p.is_file())
     assert size < 5_000_000

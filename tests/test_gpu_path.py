@@ -43,8 +43,8 @@ def test_compiled_run_compiles_once_whatever_the_batch_sizes(tiny_models, small_
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, **{**kw, "backend": counter}))
     torch._dynamo.reset()
     try:
-        opts = dict(backbone=tiny_models["backbone"], canopy_head=tiny_models["canopy"], window=128, overlap=32,
-                    batch_size=4, polygons=False)
+        opts = {"backbone": tiny_models["backbone"], "canopy_head": tiny_models["canopy"], "window": 128,
+                "overlap": 32, "batch_size": 4, "polygons": False}
         run = build_run(str(small_scene.scene), RunOptions(**opts, compile=True))
         assert run.bundle.batch_size == 4 and len(run.tiles) % 4 == 2  # the last batch is short
         run.bundle(_windows(4))

@@ -155,7 +155,8 @@ def _forward(models, x: torch.Tensor, want) -> dict[str, torch.Tensor]:
     backbone, heads, chm = models
     size = tuple(x.shape[-2:])
     result: dict[str, torch.Tensor] = {}
-    feats = backbone(x)
+    # CHMv2 alone has its own backbone: geodino's runs only for heads or embeddings
+    feats = backbone(x) if heads or "embeddings" in want else None
     with _autocast(backbone):
         if "canopy" in heads:
             result["canopy_height"] = heads["canopy"](feats.layers, size)

@@ -3,7 +3,11 @@
 A :class:`ModelBundle` holds only paths and options; models are loaded on first use in each
 process and cached, so the bundle can travel to dask.distributed workers. Inference is
 serialised per process by a lock: the model uses every core (or the GPU) itself, while the
-scheduler's other threads read, normalise, blend and write around it.
+scheduler's other threads read, normalise, blend and write around it. On CUDA the lock
+covers only queueing the device work (upload from a reused pinned slot, model, download into
+pinned memory, see :mod:`geodino.feed`); each thread then waits for its own batch outside
+it, so the next batch is queued while this one's copies run, and host-side copies never
+hold the GPU up. Batch sizes are bounded by :mod:`geodino.batchsize`.
 """
 
 from __future__ import annotations
@@ -212,7 +216,7 @@ def _queue(models, slot: BatchSlot, n: int, want, pad: bool):
             host[name][:n].copy_(value[:n], non_blocking=True)
     if device.type != "cuda":
         return host, None
-    done = torch.cuda.Event()
+    done = torch.cuda.Event(blocking=True)  # the waiting thread sleeps: the CPU is the pipeline's
     done.record()
     return host, done  # device tensors are freed here; the allocator reuses them in stream order
 

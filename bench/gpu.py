@@ -178,10 +178,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny models and scenes (a CPU check of the path)")
     ap.add_argument("--cases", nargs="+", default=None,
                     help="default: vits16 vitb16 vitl16 vits16-compiled chmv2-vitl16 (--quick: tiny ones)")
-    ap.add_argument("--windows", type=int, default=None, help="about this many windows per scene (484; quick 4)")
+    ap.add_argument("--windows", type=int, default=None, help="about this many windows per scene (484; quick 16)")
     ap.add_argument("--jsonl", type=Path, default=None, help="also append each result line here")
     args = ap.parse_args()
-    args.windows = args.windows or (4 if args.quick else 484)
+    args.windows = args.windows or (16 if args.quick else 484)
     cases = args.cases or (["tiny", "tiny-compiled", "chmv2-tiny"] if args.quick
                            else ["vits16", "vitb16", "vitl16", "vits16-compiled", "chmv2-vitl16"])
     emit({"benchmark": "gpu", "device": args.device, "machine": machine(), "cases": cases,

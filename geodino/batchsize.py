@@ -17,8 +17,8 @@ Three limits bound a batch:
   host buffers and the results waiting to be blended.
 
 The estimates are deliberately generous (float32 activations although CUDA runs bf16;
-attention scores counted as if SDPA fell back to its math kernel); tests compare them with
-the tensors the real transformers and geodino modules make.
+attention scores counted in memory as if SDPA fell back to its math kernel); tests compare
+them with the tensors the real transformers and geodino modules make.
 """
 
 from __future__ import annotations
@@ -48,11 +48,13 @@ def vit_cost(*, dim: int, depth: int, heads: int, mlp_hidden: int, registers: in
     """A DINOv3 ViT called with ``output_hidden_states`` (every block's output is kept)."""
     grid = (window // patch) ** 2
     tokens = grid + 1 + registers
-    attention = heads * tokens * tokens  # scores, when SDPA runs its math kernel
+    attention = heads * tokens * tokens  # scores, were SDPA to run its math kernel
     mlp = tokens * mlp_hidden
     kept = (depth + 1) * tokens * dim
     transient = max(2 * attention, (3 if gated else 2) * mlp) + 4 * tokens * dim  # + q, k, v, output
-    return WindowCost(max(attention, mlp, tokens * dim), FLOAT * (kept + transient + 3 * window * window))
+    # Attention scores count as memory but not as a tensor to index: geodino loads ViTs with
+    # SDPA, whose flash and memory-efficient kernels (CUDA, and CPU) never make them.
+    return WindowCost(max(mlp, tokens * dim), FLOAT * (kept + transient + 3 * window * window))
 
 
 def convnext_cost(*, dims: Sequence[int], window: int) -> WindowCost:

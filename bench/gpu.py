@@ -33,7 +33,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import ARCHS, CACHE, benchmark_model, machine  # noqa: E402
+from _common import ARCHS, CACHE, benchmark_model, machine
 
 WINDOW, OVERLAP = 512, 64
 
@@ -54,9 +54,9 @@ def smooth_rgb8_scene(side: int, seed: int = 0) -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    profile = dict(driver="GTiff", width=side, height=side, count=3, dtype="uint8", crs="EPSG:32633",
-                   transform=from_origin(500000.0, 4000000.0, 0.6, 0.6), tiled=True, blockxsize=512,
-                   blockysize=512, compress="deflate", num_threads="ALL_CPUS")
+    profile = {"driver": "GTiff", "width": side, "height": side, "count": 3, "dtype": "uint8",
+               "crs": "EPSG:32633", "transform": from_origin(500000.0, 4000000.0, 0.6, 0.6), "tiled": True,
+               "blockxsize": 512, "blockysize": 512, "compress": "deflate", "num_threads": "ALL_CPUS"}
     tmp = path.with_suffix(".partial.tif")
     x = np.arange(side, dtype=np.float32)[None, :]
     with rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS"), rasterio.open(tmp, "w", **profile) as dst:
@@ -134,7 +134,7 @@ def run_case(name: str, args, scene: Path, warm_scene: Path) -> dict:
 
     compiled = name.endswith("-compiled")
     arch = name.removesuffix("-compiled").removeprefix("chmv2-")
-    opts = dict(profile="rgb8", batch_size=0, device=args.device, polygons=False, compile=compiled)
+    opts = {"profile": "rgb8", "batch_size": 0, "device": args.device, "polygons": False, "compile": compiled}
     if name.startswith("chmv2-"):
         backbone, _, layers = benchmark_model(arch)
         opts.update(backbone=str(backbone), canopy_model=str(tiny_chmv2(arch)), layers=layers)
@@ -194,7 +194,7 @@ def main() -> None:
     for name in cases:
         try:
             result = run_case(name, args, scene, warm_scene)
-        except Exception as e:  # one crash must not lose the other cases
+        except Exception as e:  # noqa: BLE001 (one crash must not lose the other cases)
             result = {"case": name, "error": f"{type(e).__name__}: {e}"[:2000],
                       "where": traceback.format_exc().splitlines()[-3:]}
         emit(result, args.jsonl)

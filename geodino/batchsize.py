@@ -125,16 +125,20 @@ def batch_size_for(cost: WindowCost, window: int, free_bytes: int | None, fracti
     return max(1, min(limits))
 
 
-def model_cost(backbone, heads: Mapping[str, object], chm, window: int) -> WindowCost:
-    """The cost of one window through geodino's loaded models (backbone, heads, CHMv2)."""
-    config = getattr(backbone.model, "_orig_mod", backbone.model).config  # through torch.compile
-    patch = backbone.patch_size
-    grid = (window // patch) ** 2
-    if backbone.info.arch == "convnext":
-        cost = convnext_cost(dims=config.hidden_sizes, window=window)
-    else:
-        cost = vit_backbone_cost(config, window)
-    cost = cost.then(layer_grids_cost(dim=backbone.embed_dim, layers=len(backbone.layers), grid=grid))
+def model_cost(backbone, heads: Mapping[str, object], chm, window: int, embeddings: bool = False) -> WindowCost:
+    """The cost of one window through geodino's loaded models (backbone, heads, CHMv2).
+
+    geodino's backbone runs only for heads or embeddings (CHMv2 brings its own).
+    """
+    cost = WindowCost(1, 0)
+    grid = (window // backbone.patch_size) ** 2
+    if heads or embeddings or chm is None:
+        config = getattr(backbone.model, "_orig_mod", backbone.model).config  # through torch.compile
+        if backbone.info.arch == "convnext":
+            cost = convnext_cost(dims=config.hidden_sizes, window=window)
+        else:
+            cost = vit_backbone_cost(config, window)
+        cost = cost.then(layer_grids_cost(dim=backbone.embed_dim, layers=len(backbone.layers), grid=grid))
     for head in heads.values():
         meta = head.meta
         if meta.task == "canopy" and meta.head_type == "dpt":

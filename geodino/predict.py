@@ -145,7 +145,8 @@ class ModelBundle:
     def call_size(self, n: int, window: int) -> int:
         """Windows per model call: the bundle's batch size (else ``n``), within kernel limits."""
         backbone, heads, chm = self.load()
-        return max(1, min(self.batch_size or n, index_limit(model_cost(backbone, heads, chm, window), window)))
+        cost = model_cost(backbone, heads, chm, window, self.embeddings)
+        return max(1, min(self.batch_size or n, index_limit(cost, window)))
 
 
 def _autocast(backbone):
@@ -266,7 +267,7 @@ def auto_batch_size(bundle: ModelBundle, window: int, fraction: float = 0.6) -> 
     shape (a compiled model would otherwise compile again when free memory moved).
     """
     backbone, heads, chm = bundle.load()
-    cost = model_cost(backbone, heads, chm, window)
+    cost = model_cost(backbone, heads, chm, window, bundle.embeddings)
     if backbone.device.type != "cuda":
         return min(8, batch_size_for(cost, window, free_bytes=None))
     key = (bundle.token, window, fraction)

@@ -169,7 +169,7 @@ def _fake_bundle(token: str, *, heads=None, chm=None):
     info = REGISTRY["facebook/dinov3-vitl16-pretrain-sat493m"]
     backbone = SimpleNamespace(model=SimpleNamespace(config=_vitl_config()), info=info, patch_size=16,
                                embed_dim=1024, layers=info.layers, device=torch.device("cuda"))
-    return SimpleNamespace(token=token, load=lambda: (backbone, heads or {}, chm))
+    return SimpleNamespace(token=token, embeddings=False, load=lambda: (backbone, heads or {}, chm))
 
 
 def _head(task: str, kind: str):
@@ -227,7 +227,7 @@ def test_a_window_too_large_for_the_kernels_is_a_clear_error():
 
 
 def test_calls_larger_than_the_index_limit_allows_are_split(bundle, monkeypatch):
-    largest = model_cost(*bundle.load(), 128).largest
+    largest = model_cost(*bundle.load(), 128, embeddings=True).largest
     monkeypatch.setattr(batchsize, "INDEX_LIMIT", 3 * largest)  # room for 3 windows per call
     sizes = []
     real = predict._forward
@@ -276,7 +276,7 @@ def test_estimates_bound_the_largest_tensor_of_the_real_modules(bundle, tmp_path
     window = 128
     backbone, heads, _ = bundle.load()
     measured = _largest_per_window(lambda x: bundle(x.numpy()), window)
-    assert measured <= model_cost(backbone, heads, None, window).largest
+    assert measured <= model_cost(backbone, heads, None, window, embeddings=True).largest
     feats = backbone(torch.from_numpy(_windows(1, window)))
     canopy = _largest_per_window(lambda x: heads["canopy"](feats.layers, (window, window)), window)
     assert canopy <= batchsize.dpt_head_cost(hidden=heads["canopy"].meta.hidden, grid=64, window=window).largest

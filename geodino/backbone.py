@@ -205,7 +205,7 @@ def load_backbone(name_or_path: str | os.PathLike, device: str | torch.device | 
 
     ``dtype`` may be float32 or bfloat16 (weights stay fp32; CUDA runs under bf16 autocast).
     float16 is refused. Offline first: a local directory or the Hugging Face cache is used
-    without network access.
+    without network access. ``compile``: :func:`compile_model` (feed it one batch shape).
     """
     if dtype is not None and str(dtype).replace("torch.", "") in ("float16", "half", "fp16"):
         raise ModelError("DINOv3 overflows in float16; use bfloat16 (CUDA) or float32")
@@ -231,7 +231,7 @@ def load_backbone(name_or_path: str | os.PathLike, device: str | torch.device | 
                          f"(known: {', '.join(sorted(ALIASES))})")
     backbone = Backbone(model, info, dev, layers)
     if compile:
-        backbone.model = torch.compile(backbone.model)
+        backbone.model = compile_model(backbone.model, info.patch_size)
     return backbone
 
 
@@ -242,6 +242,21 @@ def _not_dinov3(name: str, found: str) -> ModelError:
     return ModelError(f"{name} is not a DINOv3 model ({found}); geodino needs a DINOv3 backbone: a hub id such "
                       f"as facebook/dinov3-vitl16-pretrain-sat493m, a short name ({', '.join(sorted(ALIASES)[:4])}, "
                       "...), a local copy of one, or Meta's .pth checkpoint")
+
+
+def compile_model(model: torch.nn.Module, size: int = 16) -> torch.nn.Module:
+    """``torch.compile`` for fixed shapes: geodino calls it with one batch shape per run.
+
+    ``dynamic=False`` because the caller pads every batch to its batch size
+    (:class:`geodino.predict.ModelBundle`): shape-specialised kernels are the fastest, and
+    torch's default would, on the first different shape, compile a second, dynamic graph.
+    One tiny eager call first: transformers installs its hidden-state hooks on the first
+    call, under a threading lock that dynamo cannot trace (two graph breaks, three graphs).
+    """
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        model(pixel_values=torch.zeros(1, 3, size, size, device=device), output_hidden_states=True)
+    return torch.compile(model, dynamic=False)
 
 
 def _from_pretrained(name: str, local_only: bool):

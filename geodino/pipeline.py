@@ -87,6 +87,7 @@ def build_run(scene_paths, options: RunOptions, progress=None) -> SceneRun:
             hook(n)
 
     batch_size = options.batch_size or auto_batch_size(bundle, spec.size)
+    bundle = bundle.with_batch_size(batch_size)  # a compiled model pads every call to it
     stitched = stitch(scene, norm, tiles, bundle, bundle.outputs(), overlap=spec.overlap,
                       batch_size=batch_size, chunks=options.chunks, progress=advance)
     classes = _classes_of(bundle)

@@ -3,12 +3,17 @@
 A :class:`ModelBundle` holds only paths and options; models are loaded on first use in each
 process and cached, so the bundle can travel to dask.distributed workers. Inference is
 serialised per process by a lock: the model uses every core (or the GPU) itself, while the
-scheduler's other threads read, normalise, blend and write around it.
+scheduler's other threads read, normalise, blend and write around it. On CUDA the lock
+covers only queueing the device work (upload from a reused pinned slot, model, download into
+pinned memory, see :mod:`geodino.feed`); each thread then waits for its own batch outside
+it, so the next batch is queued while this one's copies run, and host-side copies never
+hold the GPU up. Batch sizes are bounded by :mod:`geodino.batchsize`.
 """
 
 from __future__ import annotations
 
 import functools
+import dataclasses
 import hashlib
 import os
 import threading
@@ -18,11 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from geodino.batchsize import batch_size_for, index_limit, model_cost
+from geodino.feed import BatchSlot, SlotPool, pool_for
 from geodino.stitch import OutputSpec
 
 _CACHE: dict = {}
 _CACHE_LOCK = threading.Lock()
 _INFER_LOCK = threading.Lock()
+_AUTO_BATCH: dict = {}
 
 
 def _stamp(path: str | None) -> str:
@@ -47,6 +55,8 @@ class ModelBundle:
     compile: bool = False
     family: str | None = None
     layers: tuple[int, ...] | None = None
+    # windows per model call (set by the pipeline); not part of the token: same models
+    batch_size: int | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @functools.cached_property
     def token(self) -> str:
@@ -115,31 +125,126 @@ class ModelBundle:
     def family_name(self) -> str:
         return self.load()[0].info.family
 
+    def with_batch_size(self, batch_size: int) -> ModelBundle:
+        """This bundle, told the batch size the stitcher uses (a compiled model pads to it)."""
+        return dataclasses.replace(self, batch_size=int(batch_size))
+
     def __call__(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
-        backbone, heads, chm = self.load()
+        """Predictions for a batch of normalised windows (N, C, S, S), as float32 numpy arrays.
+
+        Calls take at most :meth:`call_size` windows (larger inputs are split), so no
+        intermediate tensor exceeds what GPU kernels index. A compiled model always gets
+        exactly that many (short batches are padded, results sliced): one compilation, not
+        one per batch shape. On CUDA windows go through reused pinned slots (geodino.feed).
+        """
+        models = self.load()
+        backbone = models[0]
         want = self.outputs()
-        x = torch.from_numpy(inputs)
-        if backbone.device.type == "cuda":
-            x = x.pin_memory()
-        size = tuple(inputs.shape[-2:])
-        result: dict[str, np.ndarray] = {}
-        with _INFER_LOCK, torch.inference_mode():
-            feats = backbone(x)
-            amp = torch.autocast(backbone.device.type, dtype=torch.bfloat16,
-                                 enabled=backbone.device.type == "cuda")
-            with amp:
-                if "canopy" in heads:
-                    result["canopy_height"] = heads["canopy"](feats.layers, size).float()
-                elif chm is not None:
-                    result["canopy_height"] = run_chmv2(chm, x.to(backbone.device), size)
-                if "landcover" in heads:
-                    if want["landcover"].upsample:  # blended on the patch grid, upsampled per block
-                        result["landcover"] = heads["landcover"].patch_logits(feats.layers).float()
-                    else:
-                        result["landcover"] = heads["landcover"](feats.layers, size).float()
-            if "embeddings" in want:
-                result["embeddings"] = feats.patches
-            return {k: v.float().cpu().numpy() for k, v in result.items()}
+        n, window = len(inputs), inputs.shape[-1]
+        if n == 0:
+            return {k: np.empty((0, spec.channels, window // spec.scale, window // spec.scale), np.float32)
+                    for k, spec in want.items()}
+        step = self.call_size(n, window)
+        parts = []
+        for i in range(0, n, step):
+            part = inputs[i:i + step]
+            if backbone.device.type == "cuda" or (self.compile and len(part) < step):
+                parts.append(_infer_staged(models, part, want, pool_for(backbone.device), step,
+                                           pad=self.compile))
+            else:
+                parts.append(_infer_direct(models, part, want))
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def call_size(self, n: int, window: int) -> int:
+        """Windows per model call: the bundle's batch size (else ``n``), within kernel limits."""
+        backbone, heads, chm = self.load()
+        cost = model_cost(backbone, heads, chm, window, self.embeddings)
+        return max(1, min(self.batch_size or n, index_limit(cost, window)))
+
+
+def _autocast(backbone):
+    """The heads' autocast: the backbone's dtype choice (bf16 on CUDA, none on CPU)."""
+    dtype = backbone.autocast_dtype
+    return torch.autocast(backbone.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def _forward(models, x: torch.Tensor, want) -> dict[str, torch.Tensor]:
+    """The device part of a call: backbone, heads, CHMv2 on ``x`` already on the device."""
+    backbone, heads, chm = models
+    size = tuple(x.shape[-2:])
+    result: dict[str, torch.Tensor] = {}
+    # CHMv2 alone has its own backbone: geodino's runs only for heads or embeddings
+    feats = backbone(x) if heads or "embeddings" in want else None
+    with _autocast(backbone):
+        if "canopy" in heads:
+            result["canopy_height"] = heads["canopy"](feats.layers, size)
+        elif chm is not None:
+            result["canopy_height"] = run_chmv2(chm, x, size)
+        if "landcover" in heads:  # logits, blended then argmaxed (softmax for probabilities) per block
+            if want["landcover"].upsample:  # on the patch grid, upsampled once per output block
+                result["landcover"] = heads["landcover"].patch_logits(feats.layers)
+            else:
+                result["landcover"] = heads["landcover"](feats.layers, size)
+    if "embeddings" in want:
+        result["embeddings"] = feats.patches
+    return {k: v.float() for k, v in result.items()}
+
+
+def _infer_direct(models, inputs: np.ndarray, want) -> dict[str, np.ndarray]:
+    """CPU, no padding: the numpy batch is the model's input (no copy), results are views."""
+    x = torch.from_numpy(np.ascontiguousarray(inputs))
+    with _INFER_LOCK, torch.inference_mode():
+        result = _forward(models, x, want)
+    return {k: v.numpy() for k, v in result.items()}
+
+
+def _infer_staged(models, inputs: np.ndarray, want, pool: SlotPool, capacity: int,
+                  pad: bool = False) -> dict[str, np.ndarray]:
+    """Through a reused host slot of ``capacity`` windows: copy in, run, copy the results out.
+
+    Only :func:`_queue` holds the inference lock. On CUDA the input goes up and the results
+    come down as asynchronous copies from and to pinned memory; the lock is released once
+    they are queued, and this thread waits for its own batch's event while the next one
+    queues. Filling the slot before and copying out of it after run outside the lock, in
+    parallel with the device. ``pad``: the model always sees all ``capacity`` windows (rows
+    past the input's hold earlier windows or zeros; their results are dropped), so a
+    compiled model sees one shape.
+    """
+    n = len(inputs)
+    with pool.lease((capacity,) + tuple(inputs.shape[1:])) as slot:
+        _stage_in(slot, inputs)
+        with _INFER_LOCK:
+            host, done = _queue(models, slot, n, want, pad)
+        return _stage_out(host, n, done)
+
+
+def _stage_in(slot: BatchSlot, inputs: np.ndarray) -> None:
+    slot.inputs[:len(inputs)].copy_(torch.from_numpy(np.ascontiguousarray(inputs)))
+
+
+def _queue(models, slot: BatchSlot, n: int, want, pad: bool):
+    """Queue upload, model and download of one slot: (host result buffers, CUDA event or None)."""
+    device = models[0].device
+    host = {}
+    with torch.inference_mode():
+        x = (slot.inputs if pad else slot.inputs[:n]).to(device, non_blocking=True)
+        for name, value in _forward(models, x, want).items():
+            host[name] = slot.output(name, (slot.capacity,) + tuple(value.shape[1:]))  # slot-sized: reused
+            host[name][:n].copy_(value[:n], non_blocking=True)
+    if device.type != "cuda":
+        return host, None
+    done = torch.cuda.Event(blocking=True)  # the waiting thread sleeps: the CPU is the pipeline's
+    done.record()
+    return host, done  # device tensors are freed here; the allocator reuses them in stream order
+
+
+def _stage_out(host: dict[str, torch.Tensor], n: int, done) -> dict[str, np.ndarray]:
+    """Wait for this batch's copies, then hand out numpy copies (the slot is reused next)."""
+    if done is not None:
+        done.synchronize()
+    return {name: buf[:n].numpy().copy() for name, buf in host.items()}
 
 
 def _landcover_scale(backbone) -> int:
@@ -248,16 +353,24 @@ def run_chmv2(model, x: torch.Tensor, size) -> torch.Tensor:
 def auto_batch_size(bundle: ModelBundle, window: int, fraction: float = 0.6) -> int:
     """Windows per model call that fit in ``fraction`` of the free GPU memory (8 on a CPU).
 
-    Per window (bf16): the hidden states of every block are kept (intermediate layers),
-    plus the MLP expansion and the heads' full-resolution outputs.
+    Bounded by kernel index limits and a ceiling (:func:`geodino.batchsize.batch_size_for`).
+    Chosen once per process for a bundle and window, so the scenes of one run share a batch
+    shape (a compiled model would otherwise compile again when free memory moved).
     """
     backbone, heads, chm = bundle.load()
+    cost = model_cost(backbone, heads, chm, window, bundle.embeddings)
     if backbone.device.type != "cuda":
-        return 8
-    free, _ = torch.cuda.mem_get_info(backbone.device)
-    tokens = (window // backbone.patch_size) ** 2 + 5
-    per_window = tokens * backbone.embed_dim * 2 * (backbone.info.depth + 1 + 8)
-    per_window += window * window * 4 * (16 + sum(len(getattr(h, "classes", ())) or 1 for h in heads.values()))
-    if chm is not None:
-        per_window *= 3  # the DPT decoder's multi-scale maps
-    return int(max(1, min(256, free * fraction // per_window)))
+        return min(8, batch_size_for(cost, window, free_bytes=None))
+    key = (bundle.token, window, fraction)
+    with _CACHE_LOCK:
+        if key not in _AUTO_BATCH:
+            _AUTO_BATCH[key] = batch_size_for(cost, window, free_device_bytes(backbone.device), fraction)
+        return _AUTO_BATCH[key]
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """Free memory on a CUDA device, counting what torch's caching allocator holds but does not use."""
+    free, _ = torch.cuda.mem_get_info(device)
+    if torch.cuda.is_initialized():
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(free)

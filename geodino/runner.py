@@ -148,7 +148,7 @@ def check_options(options: RunOptions) -> None:
 def check_scene(scene: str, options: RunOptions, *, force: bool = False) -> None:
     """Exists, readable, georeferenced, bands resolvable, resampling within bounds."""
     from geodino.scene import open_scene
-    from geodino.sensor import choose_bands, get_profile
+    from geodino.sensor import choose_bands, get_profile, profile_hint
 
     opened = open_scene(scene, bands=options.bands, target_gsd=options.target_gsd)
     if options.bands is None and options.profile is not None:
@@ -156,7 +156,8 @@ def check_scene(scene: str, options: RunOptions, *, force: bool = False) -> None
         count = len(chosen) if chosen is not None else opened.count
         if count != 3:
             raise InputError(f"{scene}: cannot tell which bands are red, green and blue for profile "
-                             f"{options.profile}; pass --bands (bands are {', '.join(opened.band_names)})")
+                             f"{options.profile} (bands are {', '.join(opened.band_names)}); "
+                             + profile_hint(opened, "pass --bands R,G,B", options.profile))
     elif options.bands is not None and len(options.bands) != 3:
         raise InputError(f"{scene}: the backbone takes 3 bands, {len(options.bands)} given with --bands")
     src, dst = opened.source_grid, opened.grid

@@ -167,7 +167,7 @@ def suggest_profile(scene) -> tuple[str, str] | None:
     return None
 
 
-def _profile_hint(scene, otherwise: str, current: str | None = None) -> str:
+def profile_hint(scene, otherwise: str, current: str | None = None) -> str:
     fit = suggest_profile(scene)
     if fit is None or fit[0] == current:
         return otherwise
@@ -193,14 +193,14 @@ def prepare(scene, profile_name: str = "auto", family: str = "sat", bands=None):
         elif scene.count != 3:
             raise InputError(f"{scene.paths[0]}: cannot tell which bands are red, green and blue with profile "
                              f"{profile.name} (bands are {', '.join(scene.band_names)}); "
-                             + _profile_hint(scene, "pass --bands R,G,B"))
+                             + profile_hint(scene, "pass --bands R,G,B"))
     if scene.count != 3:
         raise InputError(f"{scene.paths[0]}: the backbone takes 3 bands, {scene.count} selected "
                          f"({', '.join(scene.band_names)}); pass exactly three with --bands")
     if scene.dtype not in profile.dtypes:
         raise InputError(f"{scene.paths[0]}: profile {profile.name} expects {'/'.join(profile.dtypes)} data, "
                          f"the scene is {scene.dtype}; "
-                         + _profile_hint(scene, "use --profile auto or a profile for this sensor", profile.name))
+                         + profile_hint(scene, "use --profile auto or a profile for this sensor", profile.name))
     mean, std = FAMILY_STATS[family]
     if profile.lo is not None:
         lo, hi = (profile.lo,) * 3, (profile.hi,) * 3

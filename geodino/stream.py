@@ -87,8 +87,15 @@ def release_free_memory() -> None:
         _TRIM(0)
 
 
-def _plan(graph: dict, arrays: Sequence, blocks_per_wave: int):
-    """Waves of blocks in the order their window batches complete, and each batch's users."""
+def _plan(graph: dict, arrays: Sequence, batches_per_wave: int):
+    """Waves of blocks in the order their window batches complete, and each batch's users.
+
+    A wave holds the blocks completed by the next ``batches_per_wave`` batches, so that many
+    batch tasks (each reading its windows, then taking its turn on the model) run at once:
+    reading and normalising the next batches overlap the current model call. Waves of a
+    fixed number of blocks needed at most one new batch each (blocks are about a window
+    wide), so reading, inference and blending took turns however many cores there were.
+    """
     blocks = []  # (sort key, dask key, (array index, slices), output grid shape, batch keys)
     for i, a in enumerate(arrays):
         if a.ndim != 3 or len(a.chunks[0]) != 1:
@@ -105,9 +112,15 @@ def _plan(graph: dict, arrays: Sequence, blocks_per_wave: int):
                 x0 += width
             y0 += height
     blocks.sort(key=lambda b: b[0])
+    groups, horizon = [], None
+    for block in blocks:
+        last = block[0][0]
+        if horizon is None or last >= horizon:
+            groups.append([])
+            horizon = last + batches_per_wave
+        groups[-1].append(block)
     waves, uses = [], {}
-    for w, start in enumerate(range(0, len(blocks), blocks_per_wave)):
-        members = blocks[start:start + blocks_per_wave]
+    for w, members in enumerate(groups):
         batches = set().union(*(b[4] for b in members))
         waves.append(([b[1] for b in members], [b[2] for b in members], batches))
         for _, _, (_, slices), shape, deps in members:
@@ -116,18 +129,20 @@ def _plan(graph: dict, arrays: Sequence, blocks_per_wave: int):
     return waves, uses
 
 
-def stream_blocks(arrays: Sequence, blocks_per_wave: int | None = None
+def stream_blocks(arrays: Sequence, batches_per_wave: int | None = None
                   ) -> Iterator[tuple[int, tuple[slice, slice], object]]:
     """Yield (array index, (row slice, col slice), block) for (band, y, x) dask arrays.
 
-    Blocks are computed ``blocks_per_wave`` at a time, ordered by the last window batch they
-    need (so row-major on the window grid; blocks of several arrays that share batches go
-    together). While the caller consumes one wave, the next one computes in the background.
+    Blocks are computed in waves, ordered by the last window batch they need (so row-major
+    on the window grid; blocks of several arrays that share batches go together); each wave
+    brings in ``batches_per_wave`` new batches, computed at the same time (default: one per
+    worker thread, 2 to 8). While the caller consumes one wave, the next one computes in the
+    background.
     """
     graph = dict(HighLevelGraph.merge(*[a.__dask_graph__() for a in arrays]))
-    if blocks_per_wave is None:
-        blocks_per_wave = max(4, int(dask.config.get("num_workers", None) or 2))
-    waves, uses = _plan(graph, arrays, blocks_per_wave)
+    if batches_per_wave is None:
+        batches_per_wave = min(8, max(2, int(dask.config.get("num_workers", None) or 2)))
+    waves, uses = _plan(graph, arrays, batches_per_wave)
     last_use = {k: max(w for w, _, _ in u) for k, u in uses.items()}
     client = _client()
     if client is not None:

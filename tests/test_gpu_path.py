@@ -79,16 +79,17 @@ def test_staged_calls_reuse_one_slot_and_hand_out_copies(bundle):
     pool = SlotPool(pin=False)
     models, want = bundle.load(), bundle.outputs()
     first = predict._infer_staged(models, _windows(4, seed=1), want, pool, 4)
+    lc = (4, 7) + first["landcover"].shape[-2:]  # logits on the patch grid (stitch.OutputSpec.upsample)
     with pool.lease((4, 3, 128, 128)) as slot:
-        buffers = (slot.inputs.data_ptr(), slot.output("landcover", (4, 7, 128, 128)).data_ptr())
+        buffers = (slot.inputs.data_ptr(), slot.output("landcover", lc).data_ptr())
     for seed in (2, 3):
         x = _windows(4, seed=seed)
         got = predict._infer_staged(models, x, want, pool, 4)
         np.testing.assert_allclose(got["landcover"], predict._infer_direct(models, x, want)["landcover"], atol=1e-6)
     assert pool.created == 1
     with pool.lease((4, 3, 128, 128)) as slot:
-        assert (slot.inputs.data_ptr(), slot.output("landcover", (4, 7, 128, 128)).data_ptr()) == buffers
-        assert not np.shares_memory(first["landcover"], slot.output("landcover", (4, 7, 128, 128)).numpy())
+        assert (slot.inputs.data_ptr(), slot.output("landcover", lc).data_ptr()) == buffers
+        assert not np.shares_memory(first["landcover"], slot.output("landcover", lc).numpy())
     assert first["landcover"].flags["OWNDATA"]
 
 
@@ -129,8 +130,8 @@ def test_cpu_calls_neither_stage_nor_pin(bundle, monkeypatch):
 
     monkeypatch.setattr(predict, "_infer_staged", no_staging)
     out = bundle(_windows(3))
-    assert out["landcover"].shape == (3, 7, 128, 128)
-    np.testing.assert_allclose(out["landcover"].sum(axis=1), 1.0, atol=1e-5)
+    assert out["landcover"].shape == (3, 7, 8, 8)  # logits on the 16-pixel patch grid
+    assert out["canopy_height"].shape == (3, 1, 128, 128)
     assert predict.pool_for(torch.device("cpu")).pin is False
 
 

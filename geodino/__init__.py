@@ -59,6 +59,8 @@ _LAZY = {
     "FitConfig": "geodino.train",
     "metrics": "geodino.metrics",
     "synth": "geodino.synth",
+    # change between dates; not in a module named "change", whose import would shadow the function
+    "change": "geodino.change_run",
 }
 
 

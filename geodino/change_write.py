@@ -44,6 +44,11 @@ def _provenance(run: ChangeRun, min_height_change: float) -> dict:
             "min_height_change_m": min_height_change}
 
 
+def distinct_windows(run: ChangeRun) -> int:
+    """Windows inferred: a scene given for two dates is inferred once (same graph keys)."""
+    return sum(len(r.tiles) for r in {r.scene: r for r in run.runs}.values())
+
+
 def planned_outputs(run: ChangeRun, out: Path, polygons: bool) -> dict[str, Path]:
     ds = run.dataset
     names = {"embedding_change": "embedding_change.tif"}
@@ -86,17 +91,16 @@ def write_change(run: ChangeRun, out_dir: str | Path, *, min_height_change: floa
                                 nodata=float("nan"), descriptions=[f"embedding change {s}" for s in labels],
                                 units="1 - cosine similarity", tags=tags, overview_resampling="average",
                                 grid=grid.coarsen(run.runs[0].bundle.patch_size)))
-    distinct = list({r.scene: r for r in run.runs}.values())  # the same scene twice is inferred once
     start = time.perf_counter()
-    with Progress(f"change {len(run.runs)} dates", total=sum(len(r.tiles) for r in distinct),
+    with Progress(f"change {len(run.runs)} dates", total=distinct_windows(run),
                   enabled=None if not quiet else False) as bar:
-        for r in distinct:
+        for r in run.runs:  # a scene given twice shares its batch tasks: counted once whichever runs
             r.hooks.append(bar.advance)
         try:
             with _scheduler(o):
                 write_rasters(rasters, overwrite=overwrite, compress=o.compress)
         finally:
-            for r in distinct:
+            for r in run.runs:
                 r.hooks.remove(bar.advance)
     steps = [Step(k + 1, run.dates[i].label, run.dates[j].label) for k, (i, j) in enumerate(run.steps)]
     report = _report(run, paths, steps, min_height_change, min_area)
@@ -148,7 +152,7 @@ def _report(run: ChangeRun, paths: dict, steps: list[Step], min_height_change: f
         "models": {"backbone": o.backbone, "canopy_head": o.canopy_head, "landcover_head": o.landcover_head,
                    "canopy_model": o.canopy_model},
         "sensor_profiles": [r.normalisation.profile for r in run.runs], "window": o.window, "overlap": o.overlap,
-        "windows": sum(len(r.tiles) for r in run.runs),
+        "windows": distinct_windows(run),
         "min_height_change_m": min_height_change, "min_area_m2": min_area,
         "coregistration": [c.to_dict() for c in run.coregistration], "warnings": list(run.warnings),
         "steps": [],

@@ -298,6 +298,22 @@ def test_bad_input_is_a_clear_error(pair, tmp_path, capsys, args, message):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_common_grid_from_target_gsd_or_a_grid_file(pair, tiny_models, tmp_path):
+    from tests.helpers import write_raster
+
+    run = _build([pair.before.scene, pair.after.scene], _options(tiny_models, target_gsd=1.2))
+    grids = [r.scene.grid for r in run.runs]
+    assert grids[0] == grids[1] and grids[0].res == (1.2, 1.2) and grids[0].width == 160  # edges on 1.2 m multiples
+    # --grid: another extent and pixel size, e.g. a reference map's
+    target = write_raster(tmp_path / "grid.tif", np.zeros((1, 100, 90), np.uint8), crs="EPSG:32737",
+                          transform=Affine(0.9, 0, 300030.0, 0, -0.9, 9699970.0))
+    run = _build([pair.before.scene, pair.after.scene], _options(tiny_models), grid=target)
+    for r in run.runs:
+        assert (r.scene.grid.transform, r.scene.grid.width, r.scene.grid.height) == (
+            Affine(0.9, 0, 300030.0, 0, -0.9, 9699970.0), 90, 100)
+    assert run.dataset.canopy_change.shape == (1, 100, 90)
+
+
 def test_python_api_is_lazy_and_crs_aware(pair, tiny_models):
     import geodino
 
@@ -362,3 +378,16 @@ def test_synth_cli_change_and_edit_hooks_are_pure(tmp_path):
     cfg = SynthConfig(width=64, height=64, seed=3)
     for plain, edited in zip(render_block(cfg, 16, 0, 48, 64), render_block(cfg, 16, 0, 48, 64, edit=Nothing())):
         np.testing.assert_array_equal(plain, edited)
+
+
+def test_notebook_is_stored_executed_small_and_clean():
+    import nbformat
+
+    path = REPO / "notebooks" / "change.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(c.execution_count for c in code)
+    outputs = [o for c in code for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error" or (o.output_type == "stream" and o.name == "stderr")]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3
+    assert path.stat().st_size < 1_000_000

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import CACHE, PEAK, machine, run_child  # noqa: E402
+from _common import CACHE, PEAK, machine, run_child
 
 REPO = Path(__file__).resolve().parents[1]
 

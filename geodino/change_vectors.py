@@ -46,10 +46,16 @@ def _strips(src) -> list[Window]:
     return [Window(0, r, src.width, min(STRIP_ROWS, src.height - r)) for r in range(0, src.height, STRIP_ROWS)]
 
 
-def _pieces(labels: np.ndarray, values: np.ndarray | None, transform, first_row: bool, last_row: bool,
-            row0: int, height: int, full_transform):
-    """Regions of one strip: (label, geometry, pixels, sum, min, max, touches a strip border)."""
+def _pieces(labels: np.ndarray, values: np.ndarray | None, row0: int, first_row: bool, last_row: bool):
+    """Regions of one strip: (label, geometry, pixels, pixels with a value, sum, min, max of the
+    values, touches a strip border).
+
+    Geometries are in whole pixel coordinates of the scene (column, row), so that the edges
+    two strips share are exactly equal and their pieces union into one polygon (in map
+    coordinates, each strip's own transform rounds the shared edge differently).
+    """
     import shapely
+    from affine import Affine
     from rasterio.features import shapes
     from scipy import ndimage
     from skimage.measure import label as connected
@@ -70,28 +76,26 @@ def _pieces(labels: np.ndarray, values: np.ndarray | None, transform, first_row:
         lo = np.r_[np.nan, ndimage.minimum(np.where(finite, values, np.inf), ids, index)]
         hi = np.r_[np.nan, ndimage.maximum(np.where(finite, values, -np.inf), ids, index)]
     out = []
-    top_y = full_transform.f + full_transform.e * row0
-    bottom_y = full_transform.f + full_transform.e * (row0 + height)
-    for geom, value in shapes(ids, mask=ids > 0, connectivity=4, transform=transform):
+    height = labels.shape[0]
+    for geom, value in shapes(ids, mask=ids > 0, connectivity=4, transform=Affine.translation(0, row0)):
         i = int(value)
         g = shapely.geometry.shape(geom)
-        _, miny, _, maxy = g.bounds
-        border = (not first_row and abs(maxy - top_y) < 1e-6 * max(1.0, abs(top_y))) or \
-                 (not last_row and abs(miny - bottom_y) < 1e-6 * max(1.0, abs(bottom_y)))
+        _, top, _, bottom = g.bounds
+        border = (not first_row and top == row0) or (not last_row and bottom == row0 + height)
         if values is not None and nv[i] > 0:
-            stats = (float(nv[i]), float(sums[i]), float(lo[i]), float(hi[i]))
+            stats = (int(n[i]), float(nv[i]), float(sums[i]), float(lo[i]), float(hi[i]))
         else:
-            stats = (float(n[i]), np.nan, np.nan, np.nan)
+            stats = (int(n[i]), 0.0, np.nan, np.nan, np.nan)
         out.append((int(kind[i]), g, *stats, border))
     return out
 
 
 def _regions(pieces: list, crs):
-    """GeoDataFrame of regions (label, geometry, pixels, sum, min, max), border pieces merged."""
+    """GeoDataFrame of regions (label, geometry, pixels, valued, sum, min, max), border pieces merged."""
     import geopandas as gpd
     import pandas as pd
 
-    cols = ["label", "geometry", "pixels", "sum", "min", "max", "border"]
+    cols = ["label", "geometry", "pixels", "valued", "sum", "min", "max", "border"]
     if not pieces:
         return gpd.GeoDataFrame({c: [] for c in cols[:1] + cols[2:-1]}, geometry=gpd.GeoSeries([], crs=crs), crs=crs)
     gdf = gpd.GeoDataFrame(pd.DataFrame(pieces, columns=cols), geometry="geometry", crs=crs)
@@ -105,8 +109,8 @@ def _regions(pieces: list, crs):
     points["geometry"] = cut.representative_point()
     joined = gpd.sjoin(points, merged[["region", "label", "geometry"]], predicate="within")
     joined = joined[joined["label_left"] == joined["label_right"]]
-    agg = joined.groupby("region").agg(pixels=("pixels", "sum"), sum=("sum", "sum"), min=("min", "min"),
-                                       max=("max", "max"))
+    agg = joined.groupby("region").agg(pixels=("pixels", "sum"), valued=("valued", "sum"), sum=("sum", "sum"),
+                                       min=("min", "min"), max=("max", "max"))
     merged = merged.join(agg, on="region").drop(columns="region")
     return gpd.GeoDataFrame(pd.concat([inner, merged[inner.columns]], ignore_index=True), geometry="geometry",
                             crs=crs)
@@ -121,9 +125,12 @@ def _vectorise(read, width: int, height: int, transform, crs):
         labels, values = read(win)
         if not labels.any():
             continue
-        pieces += _pieces(labels, values, rasterio.windows.transform(win, transform), k == 0,
-                          k == len(starts) - 1, row, h, transform)
-    return _regions(pieces, crs)
+        pieces += _pieces(labels, values, row, k == 0, k == len(starts) - 1)
+    regions = _regions(pieces, crs)
+    # pixel (column, row) -> map coordinates
+    regions["geometry"] = regions.geometry.affine_transform(
+        [transform.a, transform.b, transform.d, transform.e, transform.c, transform.f])
+    return regions
 
 
 def change_polygons(steps: list[Step], *, canopy: Path | None, transitions: Path | None,
@@ -191,7 +198,7 @@ def _finish(gdf, step: Step):
     gdf["date_from"], gdf["date_to"], gdf["step"] = step.date_from, step.date_to, step.label
     gdf["area_m2"] = gdf.geometry.area
     with np.errstate(invalid="ignore", divide="ignore"):
-        gdf["mean_height_change_m"] = gdf["sum"] / gdf["pixels"]
+        gdf["mean_height_change_m"] = np.where(gdf["valued"] > 0, gdf["sum"] / gdf["valued"], np.nan)
     gdf["min_height_change_m"], gdf["max_height_change_m"] = gdf["min"], gdf["max"]
     gdf["pixels"] = gdf["pixels"].astype(np.int64)
     return gdf

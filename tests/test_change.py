@@ -217,11 +217,18 @@ def test_dates_from_option_tags_name_and_order(pair, tmp_path):
 # the command line, outputs and bad input
 
 
-def test_cli_writes_every_output_described(pair, tmp_path):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def cli_out(pair, tmp_path_factory):
+    """`geodino change` of the pair with the demo model, written once for the tests below."""
+    out = tmp_path_factory.mktemp("cli") / "out"
     code = main(["change", str(pair.before.scene), str(pair.after.scene), "--out", str(out), "--pipeline", str(DEMO),
                  "--window", "128", "--overlap", "32", "--min-area", "20"])
     assert code == 0
+    return out
+
+
+def test_cli_writes_every_output_described(pair, cli_out):
+    out = cli_out
     for name in ("canopy_change.tif", "landcover_transition.tif", "embedding_change.tif"):
         assert cog_validate(str(out / name))[0], name
     with rasterio.open(out / "canopy_change.tif") as src:
@@ -259,6 +266,32 @@ def test_cli_writes_every_output_described(pair, tmp_path):
     assert main(["change", str(pair.before.scene), str(pair.after.scene), "--out", str(out), "--pipeline",
                  str(DEMO)]) == OutputExistsError.exit_code
     assert (out / "canopy_change.tif").stat().st_mtime_ns == stamp
+
+
+def test_polygons_do_not_depend_on_strip_height(pair, cli_out, monkeypatch):
+    import geodino.change_vectors as cv
+    from geodino.classes import WORLDCOVER
+
+    steps = [cv.Step(1, "2021-06-14", "2024-06-20")]
+    kw = dict(canopy=cli_out / "canopy_change.tif", transitions=cli_out / "landcover_transition.tif",
+              classes=WORLDCOVER, min_height_change=5.0)
+    whole = cv.change_polygons(steps, **kw)
+    monkeypatch.setattr(cv, "STRIP_ROWS", 37)  # regions cut by many strip borders are merged back
+    strips = cv.change_polygons(steps, **kw)
+    assert len(whole) > 10 and len(strips) == len(whole)
+    key = ["type", "transition", "pixels", "cx", "cy"]
+
+    def ordered(gdf):
+        gdf = gdf.assign(cx=gdf.centroid.x.round(3), cy=gdf.centroid.y.round(3))
+        return gdf.sort_values(key).reset_index(drop=True)
+
+    a, b = ordered(whole), ordered(strips)
+    for col in ("type", "transition", "pixels"):
+        assert list(a[col]) == list(b[col])
+    np.testing.assert_allclose(a["area_m2"], b["area_m2"], rtol=1e-9)
+    for col in ("mean_height_change_m", "min_height_change_m", "max_height_change_m"):
+        np.testing.assert_allclose(a[col], b[col], rtol=1e-5, atol=1e-4)
+    assert (a["area_m2"] / 0.36).round().astype(int).tolist() == a["pixels"].tolist()
 
 
 def test_series_has_a_band_per_step_and_first_to_last(pair, tiny_models, tmp_path):

@@ -25,7 +25,7 @@ from rasterio.windows import Window
 from geodino.change_maps import transition_table
 from geodino.classes import ClassTable
 
-STRIP_ROWS = 1024
+STRIP_ROWS = 512  # rows read at a time: memory of the vector step grows with width x STRIP_ROWS
 LOSS, GAIN = 1, 2
 
 

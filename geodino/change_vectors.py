@@ -57,24 +57,28 @@ def _pieces(labels: np.ndarray, values: np.ndarray | None, row0: int, first_row:
     import shapely
     from affine import Affine
     from rasterio.features import shapes
-    from scipy import ndimage
     from skimage.measure import label as connected
 
     ids = connected(labels, background=0, connectivity=1).astype(np.int32)
     count = int(ids.max())
     if count == 0:
         return []
+    inside = ids > 0
+    idx = ids[inside]  # only the pixels in regions: usually a small share of the strip
     kind = np.zeros(count + 1, np.int64)
-    kind[ids.ravel()] = labels.ravel()
-    n = np.bincount(ids.ravel(), minlength=count + 1)
-    index = np.arange(1, count + 1)
+    kind[idx] = labels[inside]
+    n = np.bincount(idx, minlength=count + 1)
     if values is not None:
-        finite = np.isfinite(values)
-        v = np.where(finite, values, 0.0)
-        sums = np.bincount(ids.ravel(), weights=v.ravel(), minlength=count + 1)
-        nv = np.bincount(ids.ravel(), weights=finite.ravel(), minlength=count + 1)
-        lo = np.r_[np.nan, ndimage.minimum(np.where(finite, values, np.inf), ids, index)]
-        hi = np.r_[np.nan, ndimage.maximum(np.where(finite, values, -np.inf), ids, index)]
+        v = values[inside].astype(np.float64)
+        finite = np.isfinite(v)
+        sums = np.bincount(idx[finite], weights=v[finite], minlength=count + 1)
+        nv = np.bincount(idx[finite], minlength=count + 1)
+        # ufunc.at instead of scipy.ndimage.minimum/maximum, which argsort the whole strip
+        # (12 of 20 s of a 4096² run's polygons)
+        lo = np.full(count + 1, np.inf)
+        hi = np.full(count + 1, -np.inf)
+        np.minimum.at(lo, idx[finite], v[finite])
+        np.maximum.at(hi, idx[finite], v[finite])
     out = []
     height = labels.shape[0]
     for geom, value in shapes(ids, mask=ids > 0, connectivity=4, transform=Affine.translation(0, row0)):

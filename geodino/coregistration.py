@@ -4,9 +4,10 @@ Two scenes warped onto one grid should show the same ground at the same pixel. W
 do not (a bad orthorectification, a shifted geotransform), every edge in the image shows up
 as change. The shift is estimated with scikit-image's phase correlation
 (``skimage.registration.phase_cross_correlation``) on the edges of the band mean, in two
-steps: phase correlation of a decimated read of both whole scenes finds shifts of any size
-to about a decimated pixel, then up to nine full-resolution windows,
-valid in both dates and spread over the scene, refine it to a tenth of a pixel; the median
+steps on one read of the central 2048 x 2048 pixels of both dates: phase correlation of
+every 4th pixel finds shifts of up to a few hundred pixels to about 4, then up to nine
+full-resolution windows, valid in both dates and spread over that area, refine it to a
+tenth of a pixel (the cost does not grow with the scene); the median
 of the windows' estimates is reported (real change or moving shadows in one window do not
 sway it). Only the estimate is made: nothing is resampled.
 """
@@ -101,7 +102,8 @@ def _coarse(ref: np.ndarray, ref_ok: np.ndarray, mov: np.ndarray, mov_ok: np.nda
     return round(-shift[0] * scale), round(-shift[1] * scale)
 
 
-def _window_origins(valid: np.ndarray, scale: float, size: int, grid, per_side: int = 3) -> list[tuple[int, int]]:
+def _window_origins(valid: np.ndarray, scale: float, size: int, shape: tuple[int, int], per_side: int = 3
+                    ) -> list[tuple[int, int]]:
     """Up to per_side² window origins (full resolution) fully valid on the decimated mask, one per
     sector of the scene, each the valid one nearest its sector's centre."""
     from scipy.ndimage import minimum_filter
@@ -111,14 +113,15 @@ def _window_origins(valid: np.ndarray, scale: float, size: int, grid, per_side: 
     rows, cols = np.nonzero(inside)
     if not len(rows):
         return []
+    height, width = shape
     # decimated centre -> full-resolution window origin
-    r0 = np.clip(((rows + 0.5) * scale - size / 2).astype(int), 0, max(0, grid.height - size))
-    c0 = np.clip(((cols + 0.5) * scale - size / 2).astype(int), 0, max(0, grid.width - size))
+    r0 = np.clip(((rows + 0.5) * scale - size / 2).astype(int), 0, max(0, height - size))
+    c0 = np.clip(((cols + 0.5) * scale - size / 2).astype(int), 0, max(0, width - size))
     out = []
     for i in range(per_side):
         for j in range(per_side):
-            cy, cx = (i + 0.5) * grid.height / per_side, (j + 0.5) * grid.width / per_side
-            sector = ((r0 + size / 2) * per_side // grid.height == i) & ((c0 + size / 2) * per_side // grid.width == j)
+            cy, cx = (i + 0.5) * height / per_side, (j + 0.5) * width / per_side
+            sector = ((r0 + size / 2) * per_side // height == i) & ((c0 + size / 2) * per_side // width == j)
             if sector.any():
                 d = np.hypot(r0[sector] + size / 2 - cy, c0[sector] + size / 2 - cx)
                 best = np.argmin(d)
@@ -127,27 +130,35 @@ def _window_origins(valid: np.ndarray, scale: float, size: int, grid, per_side: 
 
 
 def check_coregistration(reference, moving, *, reference_name: str = "reference", moving_name: str = "moving",
-                         window: int = 256, max_size: int = 512, limit_px: float = LIMIT_PX) -> Coregistration:
+                         window: int = 256, crop: int = 2048, max_size: int = 512,
+                         limit_px: float = LIMIT_PX) -> Coregistration:
     """Estimate how far ``moving``'s content is displaced from ``reference``'s (two
-    :class:`geodino.scene.Scene` on the same grid; raw bands are compared, not model outputs)."""
+    :class:`geodino.scene.Scene` on the same grid; raw bands are compared, not model outputs).
+
+    Both dates are read once, over the central ``crop`` x ``crop`` pixels of the grid (the
+    cost does not grow with the scene; shifts up to a few hundred pixels are found); the
+    coarse step uses every f-th pixel of it (at most ``max_size`` across), the windows are
+    cut from it at full resolution.
+    """
     from skimage.filters import window as taper
     from skimage.registration import phase_cross_correlation
 
     grid = reference.grid
-    ref, ref_ok = reference.read_overview(max_size)
-    mov, mov_ok = moving.read_overview(max_size)
-    scale = grid.width / ref.shape[-1]
-    cdy, cdx = _coarse(ref, ref_ok, mov, mov_ok, scale)
-    size = min(window, grid.height, grid.width)
-    both = ref_ok & mov_ok if ref_ok.shape == mov_ok.shape else ref_ok
+    h, w = min(crop, grid.height), min(crop, grid.width)
+    area = Window((grid.width - w) // 2, (grid.height - h) // 2, w, h)
+    ref, ref_ok = reference.read(area)
+    mov, mov_ok = moving.read(area)
+    f = max(1, math.ceil(max(h, w) / max_size))
+    cdy, cdx = _coarse(ref[:, ::f, ::f], ref_ok[::f, ::f], mov[:, ::f, ::f], mov_ok[::f, ::f], f)
+    size = min(window, h, w)
     hann = taper("hann", (size, size))
     estimates = []
-    for r, c in _window_origins(both, scale, size, grid):
+    for r, c in _window_origins((ref_ok & mov_ok)[::f, ::f], f, size, (h, w)):
         mr, mc = r + cdy, c + cdx
-        if not (0 <= mr <= grid.height - size and 0 <= mc <= grid.width - size):
+        if not (0 <= mr <= h - size and 0 <= mc <= w - size):
             continue
-        a, a_ok = reference.read(Window(c, r, size, size))
-        b, b_ok = moving.read(Window(mc, mr, size, size))
+        a, a_ok = ref[:, r:r + size, c:c + size], ref_ok[r:r + size, c:c + size]
+        b, b_ok = mov[:, mr:mr + size, mc:mc + size], mov_ok[mr:mr + size, mc:mc + size]
         if not (a_ok.all() and b_ok.all()):
             continue
         shift, _, _ = phase_cross_correlation(_edges(a, a_ok) * hann, _edges(b, b_ok) * hann, upsample_factor=10)
@@ -157,7 +168,7 @@ def check_coregistration(reference, moving, *, reference_name: str = "reference"
         dy, dx = np.median(est, axis=0)
         spread = float(np.median(np.hypot(est[:, 0] - dy, est[:, 1] - dx)))
     else:
-        dy, dx, spread = float(cdy), float(cdx), float(scale)
+        dy, dx, spread = float(cdy), float(cdx), float(f)
     return Coregistration(reference_name, moving_name, float(dy), float(dx), len(estimates), spread, limit_px)
 
 

@@ -50,17 +50,35 @@ def _copy(src, dst):
     return dst
 
 
+@pytest.fixture
+def windows_inferred(monkeypatch):
+    """Counts the windows that go through the model (all dates, all outputs)."""
+    from geodino.predict import ModelBundle
+
+    seen = []
+    call = ModelBundle.__call__
+
+    def counting(self, inputs):
+        seen.append(len(inputs))
+        return call(self, inputs)
+
+    monkeypatch.setattr(ModelBundle, "__call__", counting)
+    return seen
+
+
 # --------------------------------------------------------------------------------------
 # invariants
 
 
-def test_same_scene_twice_is_exactly_no_change(pair, tiny_models, tmp_path):
+def test_same_scene_twice_is_exactly_no_change(pair, tiny_models, tmp_path, windows_inferred):
     from geodino.change_write import write_change
 
     again = _copy(pair.before.scene, tmp_path / "again.tif")  # another file: inferred on its own
     run = _build([pair.before.scene, again], _options(tiny_models))
     assert run.coregistration[0].magnitude == 0.0 and not run.warnings
     report = write_change(run, tmp_path / "out", quiet=True)
+    # every output of both dates computed in one pass: each window through the model once per date
+    assert sum(windows_inferred) == 2 * len(run.runs[0].tiles) == report["windows"]
     with rasterio.open(tmp_path / "out" / "canopy_change.tif") as src:
         dh = src.read(1)
     valid = np.isfinite(dh)
@@ -294,12 +312,13 @@ def test_polygons_do_not_depend_on_strip_height(pair, cli_out, monkeypatch):
     assert (a["area_m2"] / 0.36).round().astype(int).tolist() == a["pixels"].tolist()
 
 
-def test_series_has_a_band_per_step_and_first_to_last(pair, tiny_models, tmp_path):
+def test_series_has_a_band_per_step_and_first_to_last(pair, tiny_models, tmp_path, windows_inferred):
     from geodino.change_write import write_change
 
     run = _build([pair.before.scene, pair.after.scene, pair.before.scene], _options(tiny_models),
                  dates=["2020-01-01", "2021-01-01", "2022-01-01"])
     write_change(run, tmp_path / "out", quiet=True, polygons=False)
+    assert sum(windows_inferred) == 2 * len(run.runs[0].tiles)  # the scene given twice is inferred once
     with rasterio.open(tmp_path / "out" / "canopy_change.tif") as src:
         assert src.count == 3 and src.descriptions[2] == "canopy change 2020-01-01 -> 2022-01-01"
         dh = src.read()

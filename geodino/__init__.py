@@ -35,6 +35,8 @@ _LAZY = {
     "explore": "geodino.webmap",
     "similarity": "geodino.analysis",
     "cluster": "geodino.analysis",
+    # change between dates; not in a module named "change", whose import would shadow the function
+    "change": "geodino.change_run",
 }
 
 

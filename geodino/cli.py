@@ -48,6 +48,8 @@ def synth(
     collar: bool = typer.Option(False, help="Add a rotated nodata collar around the valid footprint"),
     polygons: bool = typer.Option(False, help="Also write land-cover polygons (landcover.gpkg)"),
     overwrite: bool = typer.Option(False, help="Replace existing outputs"),
+    change: bool = typer.Option(False, "--change", help="Write a pair of dates (before/, after/: a clear-cut, "
+                                "tree growth, a new built-up lot, another sun) and truth rasters of the change"),
 ) -> None:
     """Generate a synthetic scene with land-cover and canopy-height ground truth."""
     from geodino.progress import Progress
@@ -58,6 +60,14 @@ def synth(
                           sun_elevation=sun_elevation, sun_azimuth=sun_azimuth, nodata_collar=collar)
     except ValueError as e:
         raise GeodinoError(str(e)) from None
+    if change:
+        from geodino.synth_change import generate_pair
+
+        with Progress("synth blocks", unit="blocks") as bar:
+            pair = generate_pair(out, cfg, overwrite=overwrite, progress=bar.update_to)
+        for p in (pair.before.scene, pair.after.scene, pair.truth_change, pair.truth_canopy_change):
+            typer.echo(str(p))
+        return
     with Progress("synth blocks", unit="blocks") as bar:
         paths = generate(out, cfg, polygons=polygons, overwrite=overwrite, progress=bar.update_to)
     for p in (paths.scene, paths.landcover, paths.canopy_height, paths.polygons):
@@ -150,6 +160,57 @@ def run(
                          log=lambda m: err.print(m, highlight=False, soft_wrap=True))
     for scene, r in zip(scenes, reports):
         typer.echo(f"{scene}: {r['windows']} windows, {r['seconds']} s, {r['windows_per_second']} windows/s")
+
+
+@app.command()
+def change(
+    scenes: list[str] = typer.Argument(..., help="Two or more scenes, one per date, earliest first"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder"),
+    dates: Optional[str] = typer.Option(None, help="Comma-separated ISO dates, one per scene (default: file tags, "
+                                        "else a date in the file name, else scene order)"),
+    grid: Optional[Path] = typer.Option(None, help="Raster whose grid every date is warped onto (default: the first scene's)"),
+    min_height_change: float = typer.Option(5.0, help="Canopy loss/gain polygons where the change is at least this (m)"),
+    min_area: Optional[float] = typer.Option(None, help="Drop change polygons smaller than this (m²; default: min_polygon_area)"),
+    pipeline: Optional[Path] = typer.Option(None, help="Pipeline YAML (pipelines/*.yaml); options below override it"),
+    backbone: Optional[str] = typer.Option(None, help="DINOv3 hub id, short name, local folder or Meta .pth"),
+    canopy_head: Optional[str] = typer.Option(None, help="Canopy-height head folder"),
+    landcover_head: Optional[str] = typer.Option(None, help="Land-cover head folder"),
+    canopy_model: Optional[str] = typer.Option(None, help="CHMv2 canopy model (folder or hub id) instead of a head"),
+    profile: Optional[str] = typer.Option(None, help="Sensor profile: rgb8, naip, sentinel2-l2a, landsat-c2-l2, reflectance, auto"),
+    bands: Optional[str] = typer.Option(None, help="Comma-separated R,G,B bands by index or description"),
+    window: Optional[int] = typer.Option(None, help="Window size in pixels (multiple of 16)"),
+    overlap: Optional[int] = typer.Option(None, help="Window overlap in pixels (multiple of 16)"),
+    batch_size: Optional[int] = typer.Option(None, help="Windows per model call"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or auto"),
+    scheduler: Optional[str] = typer.Option(None, help="threads, local (a LocalCluster) or a scheduler address"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the backbone"),
+    target_gsd: Optional[float] = typer.Option(None, help="Resample the first scene's grid to this pixel size (m)"),
+    polygons: Optional[bool] = typer.Option(None, "--polygons/--no-polygons", help="Write change polygons (change.gpkg)"),
+    chunks: Optional[int] = typer.Option(None, help="Output block size in pixels (memory/parallelism only)"),
+    workers: Optional[int] = typer.Option(None, help="Threads for reading, blending and writing"),
+    overwrite: bool = typer.Option(False, help="Replace existing outputs"),
+) -> None:
+    """Change between dates: canopy loss and gain, land-cover transitions, embedding change."""
+    from dataclasses import replace
+
+    from geodino.change_write import run_change
+    from geodino.options import RunOptions, load_pipeline
+
+    options = load_pipeline(pipeline) if pipeline else RunOptions()
+    overrides = dict(backbone=backbone, canopy_head=canopy_head, landcover_head=landcover_head,
+                     canopy_model=canopy_model, profile=profile, bands=_bands(bands), window=window, overlap=overlap,
+                     batch_size=batch_size, device=device, scheduler=scheduler, compile=compile,
+                     target_gsd=target_gsd, polygons=polygons, chunks=chunks, workers=workers)
+    options = replace(options, **{k: v for k, v in overrides.items() if v is not None})
+    report = run_change(_expand(scenes), out, options, dates=_bands(dates), grid=grid,
+                        min_height_change=min_height_change, min_area=min_area, overwrite=overwrite,
+                        log=lambda m: err.print(m, highlight=False, soft_wrap=True))
+    typer.echo(str(out / "report.json"))
+    for step in report["steps"]:
+        canopy = step.get("canopy")
+        if canopy:
+            typer.echo(f"{step['step']}: canopy loss {canopy['loss_area_m2'] / 1e4:.2f} ha, "
+                       f"gain {canopy['gain_area_m2'] / 1e4:.2f} ha")
 
 
 @app.command()

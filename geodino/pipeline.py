@@ -66,10 +66,14 @@ def _profile_of(bundle: ModelBundle) -> str | None:
     return None
 
 
-def build_run(scene_paths, options: RunOptions, progress=None) -> SceneRun:
-    """Open the scene and build the lazy graph of all outputs (nothing is computed)."""
+def build_run(scene_paths, options: RunOptions, progress=None, grid=None) -> SceneRun:
+    """Open the scene and build the lazy graph of all outputs (nothing is computed).
+
+    ``grid`` (a :class:`geodino.scene.Grid`): process on that grid instead of the scene's own
+    (the scene is warped onto it), e.g. every date of a change run on the first date's grid.
+    """
     options.validate()
-    scene = open_scene(scene_paths, target_gsd=options.target_gsd)
+    scene = open_scene(scene_paths, target_gsd=options.target_gsd, grid=grid)
     bundle = ModelBundle(backbone=options.backbone, device=options.device, canopy_head=options.canopy_head,
                          landcover_head=options.landcover_head, canopy_model=options.canopy_model,
                          embeddings=options.embeddings, compile=options.compile,

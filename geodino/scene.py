@@ -459,16 +459,19 @@ def resolve_bands(ds, bands: Sequence[int | str] | None, label: str) -> tuple[in
 
 def open_scene(paths: str | os.PathLike | Sequence[str | os.PathLike], *, bands: Sequence[int | str] | None = None,
                stack: bool = False, target_gsd: float | None = None, crs: str | CRS | None = None,
-               resampling: str = "bilinear") -> Scene:
+               resampling: str = "bilinear", grid: Grid | None = None) -> Scene:
     """Open one raster, a mosaic (several files) or a band stack (``stack=True``) as a Scene.
 
     ``paths`` may also be an in-memory rioxarray DataArray (band, y, x) or (y, x), lazy or not
     (see :func:`array_source`). ``bands`` selects bands by 1-based index or by description. Scenes in a geographic CRS
     are warped to their local UTM zone; ``target_gsd`` resamples to that pixel size (metres);
-    ``crs`` forces a processing CRS.
+    ``crs`` forces a processing CRS. ``grid`` reads the scene onto that exact grid instead
+    (warped with ``resampling`` wherever it differs from the file's own; pixels the file does
+    not cover are invalid), e.g. a later date onto an earlier one's grid.
     """
     if _is_dataarray(paths):
         paths = array_source(paths)
+    target = grid
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     paths = [str(p) for p in paths]
@@ -491,6 +494,9 @@ def open_scene(paths: str | os.PathLike | Sequence[str | os.PathLike], *, bands:
         dtype = ds.dtypes[band_idx[0] - 1]
         nodata = ds.nodata
         grid = src_grid
+        if target is not None:
+            _require_overlap(ds, target, label)
+            crs, target_gsd = None, None
         dst_crs = CRS.from_user_input(crs) if crs is not None else None
         if dst_crs is None and ds.crs.is_geographic:
             west, south, east, north = ds.bounds
@@ -508,9 +514,23 @@ def open_scene(paths: str | os.PathLike | Sequence[str | os.PathLike], *, bands:
                 top = math.ceil(transform.f / target_gsd - 1e-9) * target_gsd
                 transform = Affine(target_gsd, 0, left, 0, -target_gsd, top)
             grid = Grid(CRS.from_user_input(dst_crs), transform, width, height)
+        if target is not None:
+            grid = target
     scene = Scene(paths=tuple(paths), source=source, bands=band_idx, band_names=names, dtype=dtype,
                   nodata=nodata, source_grid=src_grid, grid=grid, resampling=resampling)
     return scene
+
+
+def _require_overlap(ds, grid: Grid, label: str) -> None:
+    """An error unless the raster's footprint overlaps ``grid`` (compared in the grid's CRS)."""
+    from rasterio.warp import transform_bounds
+
+    west, south, east, north = transform_bounds(ds.crs, grid.crs, *ds.bounds, densify_pts=21)
+    gw, gs, ge, gn = grid.bounds
+    if west >= ge or east <= gw or south >= gn or north <= gs:
+        raise InputError(f"{label}: does not overlap the processing grid (its bounds in {grid.crs.to_string()} "
+                         f"are {west:.1f}, {south:.1f}, {east:.1f}, {north:.1f}; the grid's are "
+                         f"{gw:.1f}, {gs:.1f}, {ge:.1f}, {gn:.1f})")
 
 
 def require_valid_pixels(scene: Scene) -> float:

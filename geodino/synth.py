@@ -207,15 +207,22 @@ def landcover_at(seed: int, gy: np.ndarray, gx: np.ndarray) -> np.ndarray:
 # trees
 
 
-def _tree_cells(cfg: SynthConfig, ci: np.ndarray, cj: np.ndarray):
-    """Attributes of the crown (if any) in tree cells (ci, cj): present, centre, radius, height."""
+def _tree_cells(cfg: SynthConfig, ci: np.ndarray, cj: np.ndarray, edit=None):
+    """Attributes of the crown (if any) in tree cells (ci, cj): present, centre, radius, height.
+
+    ``edit`` (a later date's changes, see :mod:`geodino.synth_change`) adjusts land cover and
+    heights before radii follow from heights.
+    """
     s = cfg.seed
     cy = (ci + 0.2 + 0.6 * _uniform(s, 20, ci, cj)) * _CELL
     cx = (cj + 0.2 + 0.6 * _uniform(s, 21, ci, cj)) * _CELL
     stand = _fbm(s, 22, cy, cx, 400.0, octaves=2)
     height = np.clip((6.0 + 36.0 * stand) * (0.7 + 0.45 * _uniform(s, 23, ci, cj)), 2.0, 40.0)
+    if edit is not None:
+        height = edit.tree_heights(cy, cx, ci, cj, height)
     radius = np.minimum(2.5 + height / 40.0 * 5.0 + 1.5 * _uniform(s, 24, ci, cj), _MAX_RADIUS)
-    present = (_uniform(s, 25, ci, cj) < 0.85) & (landcover_at(s, cy, cx) == TREE)
+    cover = landcover_at(s, cy, cx) if edit is None else edit.landcover(cy, cx, landcover_at(s, cy, cx))
+    present = (_uniform(s, 25, ci, cj) < 0.85) & (cover == TREE)
     return present, cy, cx, radius, height
 
 
@@ -270,16 +277,19 @@ def _crown_surface(cfg: SynthConfig, gy, gx, pi, pj, present, ccy, ccx, crad, ch
 
 
 def render_block(cfg: SynthConfig, row0: int, col0: int, height: int, width: int, *,
-                 with_shadow: bool = False):
+                 with_shadow: bool = False, edit=None):
     """Render one block: (image uint16 (4,h,w), land cover uint8 (h,w), canopy float32 (h,w)).
 
     Pure function of the config and the block's global position. ``with_shadow`` appends the
-    ground-shadow mask (for checks of the shading model).
+    ground-shadow mask (for checks of the shading model). ``edit``: the changes of a later
+    date (:class:`geodino.synth_change.ChangeEdit`), itself a function of position.
     """
     rows = np.arange(row0, row0 + height, dtype=np.float64) + 0.5
     cols = np.arange(col0, col0 + width, dtype=np.float64) + 0.5
     gy, gx = np.meshgrid(rows, cols, indexing="ij")
     lc = landcover_at(cfg.seed, gy, gx)
+    if edit is not None:
+        lc = edit.landcover(gy, gx, lc)
 
     # Cell attributes on the cell grid that covers the block plus the shadow/crown halo.
     offsets = _shadow_offsets(cfg)
@@ -289,7 +299,7 @@ def render_block(cfg: SynthConfig, row0: int, col0: int, height: int, width: int
     ci1 = (row0 + height) // _CELL + reach + 1
     cj1 = (col0 + width) // _CELL + reach + 1
     ci, cj = np.meshgrid(np.arange(ci0, ci1), np.arange(cj0, cj1), indexing="ij")
-    present, ccy, ccx, crad, cheight = _tree_cells(cfg, ci.astype(np.float64), cj.astype(np.float64))
+    present, ccy, ccx, crad, cheight = _tree_cells(cfg, ci.astype(np.float64), cj.astype(np.float64), edit)
 
     pi = (np.floor(gy / _CELL).astype(np.int64) - ci0)
     pj = (np.floor(gx / _CELL).astype(np.int64) - cj0)
@@ -338,6 +348,8 @@ def render_block(cfg: SynthConfig, row0: int, col0: int, height: int, width: int
     for band in range(4):
         noise = _uniform(cfg.seed, 40 + band, gy, gx) - 0.5
         spectra[band] *= 1.0 + 0.08 * noise
+    if edit is not None:
+        spectra = edit.radiometry(spectra, gy, gx)
     image = np.clip(np.round(spectra), 1, 10000).astype(np.uint16)
     canopy = canopy.astype(np.float32)
 
@@ -450,10 +462,11 @@ def _tags(cfg: SynthConfig) -> dict:
 
 
 def generate(out_dir: str | os.PathLike, cfg: SynthConfig = SynthConfig(), *, polygons: bool = False,
-             overwrite: bool = False, progress=None) -> SynthOutputs:
+             overwrite: bool = False, progress=None, edit=None, extra_tags: dict | None = None) -> SynthOutputs:
     """Write scene.tif, landcover.tif, canopy_height.tif (and landcover.gpkg) to out_dir.
 
-    Files are written under temporary names and renamed into place when complete.
+    Files are written under temporary names and renamed into place when complete. ``edit``
+    and ``extra_tags``: a later date of a change pair (:func:`geodino.synth_change.generate_pair`).
     """
     from geodino.export import atomic_path
 
@@ -469,6 +482,7 @@ def generate(out_dir: str | os.PathLike, cfg: SynthConfig = SynthConfig(), *, po
             raise OutputExistsError(f"{', '.join(existing)} already exist; pass --overwrite to replace them")
     nodata_img = 0 if cfg.nodata_collar else None
     tags = _tags(cfg)
+    tags.update(extra_tags or {})
     with atomic_path(paths.scene) as t_img, atomic_path(paths.landcover) as t_lc, atomic_path(
         paths.canopy_height
     ) as t_chm:
@@ -491,7 +505,7 @@ def generate(out_dir: str | os.PathLike, cfg: SynthConfig = SynthConfig(), *, po
             blocks = [(r, c) for r in range(0, cfg.height, b) for c in range(0, cfg.width, b)]
             for n, (r, c) in enumerate(blocks):
                 h, w = min(b, cfg.height - r), min(b, cfg.width - c)
-                image, lc, canopy = render_block(cfg, r, c, h, w)
+                image, lc, canopy = render_block(cfg, r, c, h, w, edit=edit)
                 win = Window(c, r, w, h)
                 img.write(image, window=win)
                 lcd.write(lc, 1, window=win)

@@ -99,6 +99,8 @@ def run(
     min_polygon_area: Optional[float] = typer.Option(None, help="Drop polygons smaller than this (m²)"),
     chunks: Optional[int] = typer.Option(None, help="Output block size in pixels, rounded down to whole window strides (memory/parallelism only)"),
     workers: Optional[int] = typer.Option(None, help="Threads for reading, blending and writing"),
+    precision: Optional[str] = typer.Option(None, help="Backbone precision: fp32, bf16 or int8 (default fp32 on a CPU, "
+                                            "bf16 on CUDA); recorded in the outputs. See BENCHMARKS.md for speed and quality"),
     overwrite: bool = typer.Option(False, help="Recompute and replace finished outputs"),
 ) -> None:
     """Map canopy height and land cover (and embeddings) for one or many scenes."""
@@ -110,7 +112,7 @@ def run(
                      canopy_model=canopy_model, profile=profile, bands=_bands(bands), window=window, overlap=overlap,
                      batch_size=batch_size, device=device, embeddings=embeddings, probabilities=probabilities,
                      scheduler=scheduler, compile=compile, target_gsd=target_gsd, polygons=polygons,
-                     min_polygon_area=min_polygon_area, chunks=chunks, workers=workers)
+                     min_polygon_area=min_polygon_area, chunks=chunks, workers=workers, precision=precision)
     for key, value in overrides.items():
         if value is not None:
             setattr(options, key, value)

@@ -37,6 +37,7 @@ class RunOptions:
     workers: int = 4
     compress: str = "DEFLATE"
     layers: list | None = None  # backbone blocks the heads read (default: the backbone's usual four)
+    precision: str | None = None  # fp32 | bf16 | int8; None: the device's default (fp32 CPU, bf16 CUDA); changes outputs
 
     @classmethod
     def from_mapping(cls, data: dict, source: str = "config") -> "RunOptions":
@@ -61,6 +62,10 @@ class RunOptions:
         if self.embeddings_dtype == "float16" and not _float16_supported():
             raise ConfigError(f"embeddings_dtype float16 needs rasterio >= 1.5 (this is {rasterio.__version__}); "
                               "use float32")
+        if self.precision is not None:
+            from geodino.precision import check_precision_name
+
+            check_precision_name(self.precision)
         if self.compress.upper() not in ("DEFLATE", "ZSTD", "LZW"):
             raise ConfigError("compress must be DEFLATE, ZSTD or LZW")
         if not (self.canopy_head or self.landcover_head or self.canopy_model or self.embeddings):

@@ -67,7 +67,8 @@ def build_run(scene_paths, options: RunOptions, progress=None) -> SceneRun:
     bundle = ModelBundle(backbone=options.backbone, device=options.device, canopy_head=options.canopy_head,
                          landcover_head=options.landcover_head, canopy_model=options.canopy_model,
                          embeddings=options.embeddings, compile=options.compile,
-                         layers=tuple(options.layers) if options.layers else None)
+                         layers=tuple(options.layers) if options.layers else None,
+                         precision=options.precision)
     profile = options.profile or _profile_of(bundle) or "auto"
     scene, norm = prepare(scene, profile, bundle.family_name, options.bands)
     require_valid_pixels(scene)
@@ -105,7 +106,8 @@ def build_run(scene_paths, options: RunOptions, progress=None) -> SceneRun:
     ds = xr.Dataset(variables)
     ds = ds.rio.write_crs(scene.grid.crs)
     ds.attrs.update(scene=scene.name, backbone=options.backbone, profile=norm.profile, window=spec.size,
-                    overlap=spec.overlap, geodino_version=geodino.__version__)
+                    overlap=spec.overlap, geodino_version=geodino.__version__,
+                    precision=bundle.load()[0].precision)
     return SceneRun(ds, scene, norm, bundle, tiles, options, classes, hooks)
 
 
@@ -142,7 +144,12 @@ def _provenance(run: SceneRun) -> dict:
     return {"geodino_version": geodino.__version__, "backbone": o.backbone,
             "canopy_head": o.canopy_head or o.canopy_model or "", "landcover_head": o.landcover_head or "",
             "window": o.window, "overlap": o.overlap, "sensor_profile": run.normalisation.profile,
-            "normalisation": json.dumps(run.normalisation.to_dict())}
+            "normalisation": json.dumps(run.normalisation.to_dict()), **_precision_tags(run)}
+
+
+def _precision_tags(run: SceneRun) -> dict:
+    backbone = run.bundle.load()[0]
+    return {"precision": backbone.precision, "precision_detail": backbone.precision_detail}
 
 
 def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, quiet: bool = False) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from geodino.precision import head_autocast
 from geodino.stitch import OutputSpec
 
 _CACHE: dict = {}
@@ -46,6 +47,7 @@ class ModelBundle:
     compile: bool = False
     family: str | None = None
     layers: tuple[int, ...] | None = None
+    precision: str | None = None  # fp32 | bf16 | int8; None: the device default
 
     @property
     def token(self) -> str:
@@ -71,7 +73,7 @@ class ModelBundle:
         if self.device in (None, "auto") or torch.device(self.device).type == "cpu":
             torch.set_num_threads(int(os.environ.get("GEODINO_TORCH_THREADS", os.cpu_count() or 1)))
         backbone = load_backbone(self.backbone, self.device, layers=self.layers, family=self.family,
-                                 compile=self.compile)
+                                 compile=self.compile, precision=self.precision)
         heads = {}
         for task, path in (("canopy", self.canopy_head), ("landcover", self.landcover_head)):
             if path:
@@ -110,9 +112,7 @@ class ModelBundle:
         result: dict[str, np.ndarray] = {}
         with _INFER_LOCK, torch.inference_mode():
             feats = backbone(x)
-            amp = torch.autocast(backbone.device.type, dtype=torch.bfloat16,
-                                 enabled=backbone.device.type == "cuda")
-            with amp:
+            with head_autocast(backbone):
                 if "canopy" in heads:
                     result["canopy_height"] = heads["canopy"](feats.layers, size).float()
                 elif chm is not None:

@@ -32,6 +32,9 @@ def make_report(run: SceneRun, out: Path, elapsed: float, outputs: dict) -> dict
         "sensor_profile": run.normalisation.profile, "normalisation": run.normalisation.to_dict(),
         "window": run.options.window, "overlap": run.options.overlap, "outputs": outputs,
     }
+    backbone = run.bundle.load()[0]
+    report["precision"] = backbone.precision
+    report["precision_detail"] = backbone.precision_detail
     if "landcover" in outputs:
         report["landcover_area_km2"] = class_areas(out / outputs["landcover"], run.classes)
     if "canopy_height" in outputs:

@@ -47,7 +47,8 @@ def check_precision_name(name: str) -> str:
     return key
 
 
-def cpu_bf16_flags() -> set[str]:
+@functools.cache
+def cpu_bf16_flags() -> frozenset[str]:
     """The CPU's native bf16 features (avx512_bf16, amx_bf16) from /proc/cpuinfo; empty elsewhere.
 
     ``torch.backends.cpu.get_cpu_capability()`` only says "AVX512" or "AMX"; AVX-512 without
@@ -59,12 +60,12 @@ def cpu_bf16_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return found
+        return frozenset(found)
     for line in text.splitlines():
         if line.startswith("flags"):
             found |= {f for f in line.split(":", 1)[1].split() if f in ("avx512_bf16", "amx_bf16")}
             break
-    return found
+    return frozenset(found)
 
 
 def cpu_supports_bf16() -> bool:

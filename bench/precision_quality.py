@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import ARCHS, CACHE, machine  # noqa: E402
+from _common import CACHE, machine
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data_samples" / "model"

@@ -125,7 +125,7 @@ def test_chunks_and_batches_do_not_change_results_within_a_precision(name):
 def test_int8_graph_is_built_once_and_cached_on_disk_by_content(sample_runs, monkeypatch):
     import os
 
-    import geodino.int8 as int8
+    from geodino import int8
 
     backbone_dir = REPO / "data_samples" / "model" / "backbone"
     model = load_backbone(backbone_dir).model

@@ -133,7 +133,7 @@ def feature_fidelity(backbone_dir: Path, windows: torch.Tensor) -> dict:
     return out
 
 
-def map_quality(backbone_dir: Path, test, work: Path) -> dict:
+def map_quality(backbone_dir: Path, test, work: Path, label: str) -> dict:
     from geodino.metrics import evaluate_rasters
     from geodino.pipeline import RunOptions, build_run, write_scene
 
@@ -142,7 +142,7 @@ def map_quality(backbone_dir: Path, test, work: Path) -> dict:
         opts = RunOptions(backbone=str(backbone_dir), canopy_head=str(DEMO / "canopy_head"),
                           landcover_head=str(DEMO / "landcover_head"), profile="reflectance", polygons=False,
                           precision=name)
-        maps = work / f"maps_{backbone_dir.name}_{name}"
+        maps = work / f"maps_{label}_{name}"
         write_scene(build_run(str(test.scene), opts), maps, overwrite=True, quiet=True)
         chm = evaluate_rasters(maps / "canopy_height.tif", test.canopy_height, "canopy")
         lc = evaluate_rasters(maps / "landcover.tif", test.landcover, "landcover")
@@ -194,7 +194,7 @@ def main() -> None:
     arch_dir, _, _ = benchmark_model(args.arch)
     arch_out = work / f"{args.arch}_outliers"
     arch_how = outlier_copy(arch_dir, arch_out)
-    demo_out = work / "demo_outliers"
+    demo_out = work / "demo_outliers" / "backbone"  # the heads check the backbone's folder name
     demo_how = outlier_copy(DEMO / "backbone", demo_out)
 
     result = {"benchmark": "precision_quality", "machine": machine(),
@@ -206,7 +206,7 @@ def main() -> None:
                                     ("demo+outliers", demo_out, demo_out)):
         entry = {"features": feature_fidelity(bb_dir, windows)}
         if maps_dir is not None:
-            entry["maps"] = map_quality(maps_dir, test, work)
+            entry["maps"] = map_quality(maps_dir, test, work, label)
             entry["verdict"] = verdict(entry["features"], entry["maps"])
         result[label] = entry
         print(json.dumps({label: entry}), file=sys.stderr, flush=True)

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -87,12 +88,17 @@ class _Outputs(torch.nn.Module):
 
 @contextlib.contextmanager
 def _quiet_nncf():
-    """NNCF logs a table and a progress bar per model; keep them out of geodino's output."""
+    """NNCF logs a table and draws a progress bar on stdout; stdout is geodino's (JSON, results).
+
+    The table is dropped (NNCF's logger level, restored after); the bar goes to stderr with the
+    rest of geodino's progress. This runs once per backbone, at load, before any worker threads.
+    """
     logger = logging.getLogger("nncf")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        yield
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
     finally:
         logger.setLevel(level)
 
@@ -100,6 +106,7 @@ def _quiet_nncf():
 def export(model: torch.nn.Module, layers: tuple[int, ...], target: Path) -> Path:
     """Convert, compress and save the int8 graph to ``target/model.xml`` (atomically)."""
     openvino, nncf = _libraries()
+    print(f"geodino: converting the backbone to int8 once (cached in {target.parent})", file=sys.stderr, flush=True)
     example = torch.zeros(1, 3, 64, 64)
     wrapped = _Outputs(model, layers).eval()
     with torch.no_grad():

@@ -211,3 +211,18 @@ def test_int8_refuses_convnext(tmp_path):
     with pytest.raises(ModelError, match="int8 is for DINOv3 ViT"):
         load_backbone(tmp_path / "cnx", precision="int8")
     shutil.rmtree(tmp_path / "cnx")
+
+
+def test_a_precision_that_misses_a_quality_bar_warns_with_its_measured_loss(monkeypatch):
+    # as measured (bench/precision_quality.py): bf16 and int8 meet every bar, so no warning
+    assert precision_mod.quality_warning("int8") is None
+    assert precision_mod.quality_warning("bf16") is None
+    lossy = {"patch_cosine_mean": 0.97, "patch_cosine_p1": 0.80, "canopy_mae_ratio": 1.12, "miou_drop": 0.05}
+    monkeypatch.setitem(precision_mod.MEASURED_QUALITY, "int8", lossy)
+    message = precision_mod.quality_warning("int8")
+    assert "0.970 mean" in message and "0.800 at the 1st percentile" in message
+    assert "+12.0%" in message and "-0.050" in message
+    precision_mod.warn_if_lossy.cache_clear()
+    with pytest.warns(precision_mod.PrecisionWarning, match="canopy MAE"):
+        precision_mod.warn_if_lossy("int8")
+    precision_mod.warn_if_lossy.cache_clear()

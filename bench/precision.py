@@ -3,7 +3,9 @@
     python bench/precision.py [--archs vits16,vitb16] [--windows 4] [--size 1024]
     python bench/precision.py --libraries [--archs vits16]     # the int8 candidates compared
 
-Random-weight DINOv3 ViTs (bench/_common.py ARCHS) at 512 x 512 windows. Backbone alone:
+Random-weight DINOv3 ViTs (bench/_common.py ARCHS) at 512 x 512 windows. Each figure comes
+as wall-clock windows/s and as CPU-seconds per window (process time): on a machine shared with
+other jobs the second is the one that measures the precision rather than the neighbours. Backbone alone:
 batches of ``--batch`` windows through ``Backbone`` (what the pipeline calls), after one
 warm-up batch. End to end: ``geodino run`` (build_run + write_scene) on a synthetic scene
 with a 7-class head, windows/s from its report. Precisions run interleaved, each once, and
@@ -70,8 +72,11 @@ def end_to_end(arch: str, precision: str, size: int) -> dict:
                       polygons=False, precision=precision, batch_size=4)
     with tempfile.TemporaryDirectory() as out:
         run = build_run(str(synthetic_scene(size)), opts)  # loads (and for int8 converts) the model first
+        cpu = time.process_time()
         report = write_scene(run, out, quiet=True)
-    return {"windows": report["windows"], "seconds": report["seconds"], "windows_per_s": report["windows_per_second"]}
+        cpu = time.process_time() - cpu
+    return {"windows": report["windows"], "seconds": report["seconds"], "windows_per_s": report["windows_per_second"],
+            "cpu_s_per_window": round(cpu / report["windows"], 3)}
 
 
 def speed(args) -> dict:
@@ -87,10 +92,13 @@ def speed(args) -> dict:
                 res["end_to_end"][p] = end_to_end(arch, p, args.size) | {"load_avg": _load()}
                 print(json.dumps({arch: {"end_to_end": {p: res["end_to_end"][p]}}}), file=sys.stderr, flush=True)
         for part in ("backbone", "end_to_end"):
-            base = res[part].get("fp32", {}).get("windows_per_s")
+            base = res[part].get("fp32")
             if base:
-                res[part]["speedup_vs_fp32"] = {p: round(v["windows_per_s"] / base, 2)
-                                                for p, v in res[part].items() if p in PRECISIONS}
+                ps = [p for p in PRECISIONS if p in res[part]]
+                res[part]["speedup_vs_fp32"] = {p: round(res[part][p]["windows_per_s"] / base["windows_per_s"], 2)
+                                                for p in ps}
+                res[part]["cpu_speedup_vs_fp32"] = {p: round(base["cpu_s_per_window"] / res[part][p]["cpu_s_per_window"], 2)
+                                                    for p in ps}
         out[arch] = res
     return out
 
@@ -197,7 +205,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--size", type=int, default=1024, help="end-to-end scene size (0: skip end to end)")
     ap.add_argument("--libraries", action="store_true", help="compare the int8 candidate libraries instead")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="compute threads (0: all cores). On a shared machine 1 thread and CPU-seconds per window "
+                         "measure the kernels; wall-clock windows/s measure the neighbours too")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["GEODINO_TORCH_THREADS"] = str(args.threads)  # what ModelBundle gives torch and OpenVINO
     print(json.dumps(libraries(args) if args.libraries else speed(args), indent=2))
 
 

@@ -3,7 +3,8 @@
 ``load_backbone`` takes a released hub id (or its short name), a local Hugging Face
 directory, or an original Meta ``.pth`` checkpoint (converted to the transformers layout,
 loaded with ``weights_only=True``). The result is always in eval mode with gradients off:
-fp32 on CPU, bf16 autocast on CUDA, never fp16 (DINOv3 activations overflow in fp16).
+by default fp32 on CPU, bf16 autocast on CUDA, never fp16 (DINOv3 activations overflow in
+fp16); ``precision`` chooses bf16 or int8 instead (:mod:`geodino.precision`).
 
 Its forward returns the CLS token, the register tokens, the patch grid and chosen
 intermediate layers as grids, each passed through the final LayerNorm (transformers returns

@@ -223,6 +223,7 @@ def demo(
                                            "or a local copy): then embeddings, plus a canopy model if given"),
     canopy_model: Optional[str] = typer.Option(None, help="CHMv2 canopy model (e.g. facebook/dinov3-vitl16-chmv2-dpt-head)"),
     device: str = typer.Option("cpu", help="cpu, cuda or auto"),
+    precision: Optional[str] = typer.Option(None, help="Backbone precision: fp32, bf16 or int8 (default: the device's)"),
     overwrite: bool = typer.Option(True, "--overwrite/--no-overwrite", help="Replace earlier demo outputs"),
 ) -> None:
     """The full pipeline on the bundled sample scene with the bundled demo model, plus a PNG quicklook."""
@@ -234,6 +235,7 @@ def demo(
     samples = _data_samples()
     options = load_pipeline(samples.parent / "pipelines" / "demo.yaml")
     options.device = device
+    options.precision = precision
     if backbone:
         # the bundled heads belong to the bundled tiny backbone: another backbone gets embeddings
         options.backbone, options.canopy_head, options.landcover_head = backbone, None, None

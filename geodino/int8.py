@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -103,13 +104,30 @@ def _quiet_nncf():
         logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def _quiet_tracing():
+    """Tracing a transformers model warns about things that do not apply to a frozen ViT
+    (Python booleans in SDPA's causal check, deprecated training helpers, the loss type):
+    silence them while converting, and restore transformers' verbosity afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def export(model: torch.nn.Module, layers: tuple[int, ...], target: Path) -> Path:
     """Convert, compress and save the int8 graph to ``target/model.xml`` (atomically)."""
     openvino, nncf = _libraries()
     print(f"geodino: converting the backbone to int8 once (cached in {target.parent})", file=sys.stderr, flush=True)
     example = torch.zeros(1, 3, 64, 64)
     wrapped = _Outputs(model, layers).eval()
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_tracing():
         graph = openvino.convert_model(wrapped, example_input=example,
                                        input=[openvino.PartialShape([-1, 3, -1, -1])])
     with _quiet_nncf():

@@ -21,9 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data_samples" / "scene" / "scene.tif"
 DEMO = REPO / "pipelines" / "demo.yaml"
 
-# int8 against fp32 on the bundled sample (tiny backbone, trained demo heads), stated in the README
-INT8_CANOPY_MAE_M = 0.05  # mean |int8 - fp32| canopy height, metres
-INT8_LANDCOVER_AGREEMENT = 0.99  # share of pixels with the same class
+# int8 (and bf16) against fp32 on the bundled sample (tiny backbone, fitted demo heads; heights
+# 0-40 m), stated in BENCHMARKS.md. Measured on the project machine: int8 0.042 m and 99.85%,
+# bf16 0.005 m and 99.90%; the margin allows other CPUs' kernels (no bf16, AMX).
+INT8_CANOPY_MAE_M = 0.08  # mean |reduced - fp32| canopy height, metres
+INT8_LANDCOVER_AGREEMENT = 0.99  # share of valid pixels with the same class
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -183,6 +183,7 @@ class Int8ViT:
     def __init__(self, compiled, model: torch.nn.Module, layers: tuple[int, ...]) -> None:
         self.compiled = compiled
         self.request = compiled.create_infer_request()
+        self.lock = threading.Lock()  # one infer request: calls from several threads take turns
         self.config = model.config
         self.norm = model.norm
         self.layers = layers
@@ -193,8 +194,9 @@ class Int8ViT:
 
     def __call__(self, pixel_values: torch.Tensor, output_hidden_states: bool = True) -> SimpleNamespace:
         x = pixel_values.detach().to("cpu", torch.float32).contiguous().numpy()
-        result = self.request.infer({0: x}, share_inputs=False, share_outputs=False)
-        outs = [torch.from_numpy(np.asarray(result[o])) for o in self.compiled.outputs]
+        with self.lock:
+            result = self.request.infer({0: x}, share_inputs=False, share_outputs=False)
+            outs = [torch.from_numpy(np.asarray(result[o])) for o in self.compiled.outputs]
         hidden: list[torch.Tensor | None] = [None] * (self.depth + 1)
         for i, tensor in zip(self.layers, outs[1:]):
             hidden[i + 1] = tensor

@@ -65,7 +65,9 @@ class RunOptions:
         if self.precision is not None:
             from geodino.precision import check_precision_name
 
-            check_precision_name(self.precision)
+            if check_precision_name(self.precision) == "int8" and self.canopy_model:
+                raise ConfigError("precision int8 quantises geodino's backbone; Meta's canopy model (canopy_model) "
+                                  "has its own backbone and is not quantised: use fp32 or bf16 with it")
         if self.compress.upper() not in ("DEFLATE", "ZSTD", "LZW"):
             raise ConfigError("compress must be DEFLATE, ZSTD or LZW")
         if not (self.canopy_head or self.landcover_head or self.canopy_model or self.embeddings):

@@ -162,6 +162,9 @@ def test_default_precision_is_the_devices_and_fp16_is_refused():
             RunOptions.from_mapping({"precision": bad, "embeddings": True})
     with pytest.raises(ConfigError, match="not one of fp32, bf16, int8"):
         RunOptions.from_mapping({"precision": "int4", "embeddings": True})
+    # Meta's canopy model has its own (unquantised) backbone: int8 would be recorded but not used
+    with pytest.raises(ConfigError, match="canopy model"):
+        RunOptions.from_mapping({"precision": "int8", "canopy_model": "facebook/dinov3-vitl16-chmv2-dpt-head"})
 
 
 def test_int8_on_cuda_is_refused_before_any_gpu_is_touched():

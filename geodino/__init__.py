@@ -2,43 +2,13 @@
 
 from __future__ import annotations
 
-import os as _os
-
-# GDAL's block cache defaults to 5% of RAM and fills with every tile read or written, so
-# resident memory grew with the scene until it was full. Windows on one row share only a
-# few source tiles (those of the row above are a whole scene-width away), so 16 MB keeps the
-# reuse that matters: 16384^2 stitch peak RSS 620 (64 MB) -> ~340 MB, with tiles under two
-# rows of windows decoded twice. Striped sources raise it to a window row of strips when
-# stitching (geodino.scene.ensure_block_cache). A value the user set wins.
-_os.environ.setdefault("GDAL_CACHEMAX", "16")
-
-
-def _limit_malloc_arenas() -> None:
-    """Use one glibc malloc arena (as MALLOC_ARENA_MAX=1 would).
-
-    Reader, blender and writer threads each get an arena by default; window-sized buffers
-    freed in one and never reused fragment them all, and resident memory creeps up with the
-    number of windows. Measured: peak RSS of a 16384 x 16384 stitch 1335 -> 1001 MB with two
-    arenas; with one (and malloc_trim after each wave) 16384^2/2048^2 stitch 1.27x -> 1.22x,
-    end to end 1.17x -> 1.14x, no slower (the threads allocate big buffers, rarely).
-    A MALLOC_ARENA_MAX the user set wins.
-    """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in _os.environ:
-        return
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
-
-
-_limit_malloc_arenas()
+# Importing geodino changes nothing outside it: no environment variables, GDAL config or
+# allocator settings (DESIGN invariant 10). The GDAL block cache and malloc arena settings that
+# geodino's runs use are applied at the edge, scoped and documented in geodino.runtime.
 
 __version__ = "0.1.0"
 
-from geodino.errors import ConfigError, GeodinoError, InputError, ModelError  # noqa: E402
+from geodino.errors import ConfigError, GeodinoError, InputError, ModelError
 
 # The public API, imported on first use so that `import geodino` stays light.
 _LAZY = {
@@ -59,6 +29,12 @@ _LAZY = {
     "FitConfig": "geodino.train",
     "metrics": "geodino.metrics",
     "synth": "geodino.synth",
+    "crowns": "geodino.trees",
+    "CrownParams": "geodino.trees",
+    "plot": "geodino.plot",
+    "explore": "geodino.webmap",
+    "similarity": "geodino.analysis",
+    "cluster": "geodino.analysis",
 }
 
 

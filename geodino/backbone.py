@@ -16,21 +16,19 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from geodino.errors import ModelError
-
-GATED_HELP = (
-    "DINOv3 weights are gated on the Hugging Face Hub. Accept the license at "
-    "https://huggingface.co/{hub_id} while logged in, then download once on a machine with "
-    "internet access: `hf auth login && hf download {hub_id} --local-dir ./{short}`. "
-    "Point geodino at the copy with `--backbone ./{short}` (a local directory), or set "
-    "HF_HOME to a cache that holds it. An original Meta checkpoint (.pth) works too."
+# Meta checkpoint conversion lives in geodino.checkpoints; these names stay importable here.
+from geodino.checkpoints import (  # noqa: F401
+    config_from_meta_state_dict,
+    load_meta_checkpoint,
+    meta_to_hf_state_dict,
 )
+from geodino.errors import ModelError
 
 
 @dataclass(frozen=True)
@@ -168,110 +166,6 @@ class Backbone:
 
 
 # --------------------------------------------------------------------------------------
-# Meta checkpoint conversion
-
-# (Meta key pattern, transformers key template); qkv is split separately.
-_META_TO_HF = [
-    (r"cls_token", "embeddings.cls_token"),
-    (r"storage_tokens", "embeddings.register_tokens"),
-    (r"mask_token", "embeddings.mask_token"),
-    (r"patch_embed\.proj\.(weight|bias)", r"embeddings.patch_embeddings.\1"),
-    (r"blocks\.(\d+)\.norm1\.(weight|bias)", r"model.layer.\1.norm1.\2"),
-    (r"blocks\.(\d+)\.norm2\.(weight|bias)", r"model.layer.\1.norm2.\2"),
-    (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"model.layer.\1.attention.o_proj.\2"),
-    (r"blocks\.(\d+)\.ls1\.gamma", r"model.layer.\1.layer_scale1.lambda1"),
-    (r"blocks\.(\d+)\.ls2\.gamma", r"model.layer.\1.layer_scale2.lambda1"),
-    (r"blocks\.(\d+)\.mlp\.fc1\.(weight|bias)", r"model.layer.\1.mlp.up_proj.\2"),
-    (r"blocks\.(\d+)\.mlp\.fc2\.(weight|bias)", r"model.layer.\1.mlp.down_proj.\2"),
-    (r"blocks\.(\d+)\.mlp\.w1\.(weight|bias)", r"model.layer.\1.mlp.gate_proj.\2"),
-    (r"blocks\.(\d+)\.mlp\.w2\.(weight|bias)", r"model.layer.\1.mlp.up_proj.\2"),
-    (r"blocks\.(\d+)\.mlp\.w3\.(weight|bias)", r"model.layer.\1.mlp.down_proj.\2"),
-    (r"norm\.(weight|bias)", r"norm.\1"),
-]
-# Meta keys without a transformers counterpart: RoPE periods are recomputed, the key bias is
-# masked to zero in Meta's code and absent in transformers, heads belong to other tasks.
-_META_DROP = re.compile(r"rope_embed\.periods|.*\.qkv\.bias_mask|local_cls_norm\..*|head\..*|dino_head\..*")
-
-
-def meta_to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an original DINOv3 ViT state dict to the transformers DINOv3ViTModel layout."""
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, value in state.items():
-        if _META_DROP.fullmatch(key):
-            continue
-        m = re.fullmatch(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", key)
-        if m:
-            i, kind = m.groups()
-            q, k, v = value.chunk(3, dim=0)
-            out[f"model.layer.{i}.attention.q_proj.{kind}"] = q
-            out[f"model.layer.{i}.attention.v_proj.{kind}"] = v
-            if kind == "weight":
-                out[f"model.layer.{i}.attention.k_proj.weight"] = k
-            continue
-        for pattern, template in _META_TO_HF:
-            if re.fullmatch(pattern, key):
-                new = re.sub(pattern, template, key)
-                if key == "mask_token":
-                    value = value.reshape(1, 1, -1)
-                out[new] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ModelError(f"unrecognised keys in the Meta checkpoint: {', '.join(unknown[:8])}")
-    return out
-
-
-def config_from_meta_state_dict(state: dict[str, torch.Tensor]):
-    """A DINOv3ViTConfig that fits an original Meta ViT state dict (head dim 64 as released)."""
-    from transformers import DINOv3ViTConfig
-
-    if "cls_token" not in state or "patch_embed.proj.weight" not in state:
-        raise ModelError("not a DINOv3 ViT checkpoint (no cls_token / patch_embed)")
-    dim = state["cls_token"].shape[-1]
-    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
-    gated = "blocks.0.mlp.w1.weight" in state
-    hidden = state["blocks.0.mlp.w1.weight" if gated else "blocks.0.mlp.fc1.weight"].shape[0]
-    head_dim = int(os.environ.get("GEODINO_META_HEAD_DIM", "64"))
-    heads = max(1, dim // head_dim)
-    return DINOv3ViTConfig(
-        hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=hidden,
-        patch_size=state["patch_embed.proj.weight"].shape[-1],
-        num_register_tokens=state["storage_tokens"].shape[1] if "storage_tokens" in state else 0,
-        use_gated_mlp=gated, layerscale_value=1.0,
-        query_bias="blocks.0.attn.qkv.bias" in state, value_bias="blocks.0.attn.qkv.bias" in state,
-        key_bias=False, proj_bias="blocks.0.attn.proj.bias" in state,
-        mlp_bias=("blocks.0.mlp.w1.bias" if gated else "blocks.0.mlp.fc1.bias") in state,
-    )
-
-
-def load_meta_checkpoint(path: str | Path, *, num_heads: int | None = None):
-    """A transformers DINOv3ViTModel from an original Meta ``.pth`` checkpoint (no pickle)."""
-    from transformers import DINOv3ViTModel
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a pickle with code, or not a checkpoint at all
-        raise ModelError(f"{path}: cannot be read as a weights-only PyTorch checkpoint ({e})") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(f"{path}: not a state dict of tensors")
-    config = config_from_meta_state_dict(state)
-    if num_heads:
-        config.num_attention_heads = num_heads
-    model = DINOv3ViTModel(config)
-    converted = meta_to_hf_state_dict(state)
-    missing, unexpected = model.load_state_dict(converted, strict=False)
-    # k_proj has no bias in either layout; anything else missing is a real mismatch
-    if unexpected or [k for k in missing if not k.endswith("k_proj.bias")]:
-        raise ModelError(f"{path}: checkpoint does not fit the inferred architecture "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-    return model
-
-
-# --------------------------------------------------------------------------------------
 # loading
 
 
@@ -318,7 +212,7 @@ def load_backbone(name_or_path: str | os.PathLike, device: str | torch.device | 
     quantised, see :mod:`geodino.int8`); None is the device's default, fp32 on a CPU and bf16
     on CUDA. ``dtype`` (float32 or bfloat16) is the older spelling of the same choice.
     float16 is refused. Offline first: a local directory or the Hugging Face cache is used
-    without network access.
+    without network access. ``compile``: :func:`compile_model` (feed it one batch shape).
     """
     if dtype is not None and str(dtype).replace("torch.", "") in ("float16", "half", "fp16"):
         raise ModelError("DINOv3 overflows in float16; use bfloat16 (CUDA) or float32")
@@ -360,30 +254,62 @@ def load_backbone(name_or_path: str | os.PathLike, device: str | torch.device | 
 
         warn_if_lossy(backbone.precision)
     if compile:
-        backbone.model = torch.compile(backbone.model)
+        backbone.model = compile_model(backbone.model, info.patch_size)
     return backbone
+
+
+DINOV3_TYPES = ("dinov3_vit", "dinov3_convnext")
+
+
+def _not_dinov3(name: str, found: str) -> ModelError:
+    return ModelError(f"{name} is not a DINOv3 model ({found}); geodino needs a DINOv3 backbone: a hub id such "
+                      f"as facebook/dinov3-vitl16-pretrain-sat493m, a short name ({', '.join(sorted(ALIASES)[:4])}, "
+                      "...), a local copy of one, or Meta's .pth checkpoint")
+
+
+def compile_model(model: torch.nn.Module, size: int = 16) -> torch.nn.Module:
+    """``torch.compile`` for fixed shapes: geodino calls it with one batch shape per run.
+
+    ``dynamic=False`` because the caller pads every batch to its batch size
+    (:class:`geodino.predict.ModelBundle`): shape-specialised kernels are the fastest, and
+    torch's default would, on the first different shape, compile a second, dynamic graph.
+    One tiny eager call first: transformers installs its hidden-state hooks on the first
+    call, under a threading lock that dynamo cannot trace (two graph breaks, three graphs).
+    """
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        model(pixel_values=torch.zeros(1, 3, size, size, device=device), output_hidden_states=True)
+    return torch.compile(model, dynamic=False)
 
 
 def _from_pretrained(name: str, local_only: bool):
     from transformers import AutoConfig, DINOv3ConvNextModel, DINOv3ViTModel
     from transformers.utils import logging as hf_logging
 
+    from geodino.hub import load_from_hub
+
     hf_logging.disable_progress_bar()
 
-    offline = local_only or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-    try:
+    def load(offline: bool):
         config = AutoConfig.from_pretrained(name, local_files_only=offline)
+        if config.model_type not in DINOV3_TYPES:
+            raise _not_dinov3(name, f"its config says model_type {config.model_type!r}")
         if config.model_type == "dinov3_convnext":  # no attention to choose
             return DINOv3ConvNextModel.from_pretrained(name, config=config, local_files_only=offline)
         return DINOv3ViTModel.from_pretrained(name, config=config, local_files_only=offline,
                                               attn_implementation="sdpa")
-    except (OSError, ValueError) as e:
-        if local_only:
+
+    if local_only:
+        try:
+            return load(True)
+        except (OSError, ValueError) as e:
             raise ModelError(f"{name}: cannot load the model folder ({str(e).splitlines()[0]})") from None
-        short = name.split("/")[-1]
-        raise ModelError(f"cannot load {name}: the weights are not in the local Hugging Face cache"
-                         f"{' and the hub is offline (HF_HUB_OFFLINE=1)' if offline else ' or not downloadable'}. "
-                         + GATED_HELP.format(hub_id=name, short=short)) from None
+    if name not in REGISTRY and "dinov3" not in name.lower():
+        try:  # a copy in the cache says what it is; otherwise the name must
+            return load(True)
+        except (OSError, ValueError):
+            raise _not_dinov3(name, "its name does not say DINOv3 and it is not in the local cache") from None
+    return load_from_hub(name, load, flag="backbone", what="backbone")
 
 
 # --------------------------------------------------------------------------------------
@@ -414,7 +340,8 @@ def save_tiny_backbone(out_dir: str | os.PathLike, *, seed: int = 0, family: str
                 p.uniform_(0.2, 1.0)
     model.save_pretrained(out)
     meta = {"family": family, "layers": list(default_layers(config.num_hidden_layers)),
-            "note": "randomly initialised tiny DINOv3 architecture for tests and the demo; not DINOv3 weights"}
+            "note": "randomly initialised tiny DINOv3 architecture for tests and the demo; not DINOv3 weights",
+            "random_weights": True}
     (out / "geodino_backbone.json").write_text(json.dumps(meta, indent=2))
     return out
 

@@ -13,14 +13,24 @@ import typer
 from rich.console import Console
 
 from geodino.errors import GeodinoError
+from geodino.options import DEFAULT_BACKBONE
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Georeferenced canopy-height, land-cover and embedding maps with a frozen DINOv3 backbone.")
 err = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        import geodino
+
+        typer.echo(f"geodino {geodino.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the geodino version and exit")) -> None:
     """Georeferenced canopy-height, land-cover and embedding maps with a frozen DINOv3 backbone."""
 
 
@@ -59,6 +69,18 @@ def _bands(value: Optional[str]):
     return [b.strip() for b in value.split(",")] if value else None
 
 
+def _default(option: str) -> str:
+    """A run option's default as --help shows it (the options are None so a pipeline YAML can set them)."""
+    from geodino.options import RunOptions
+
+    value = getattr(RunOptions(), option)
+    if option == "profile" and value is None:
+        return "the heads' profile, else auto"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return "none" if value is None else str(value)
+
+
 def _expand(scenes: list[str]) -> list[str]:
     """Scenes as given, with glob patterns expanded (quoted globs, or a shell without globbing)."""
     import glob
@@ -80,28 +102,35 @@ def run(
     scenes: list[str] = typer.Argument(..., help="Scene files or glob patterns; each is processed on its own"),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (one subfolder per scene when several)"),
     pipeline: Optional[Path] = typer.Option(None, help="Pipeline YAML (pipelines/*.yaml); options below override it"),
-    backbone: Optional[str] = typer.Option(None, help="DINOv3 hub id, short name, local folder or Meta .pth"),
-    canopy_head: Optional[str] = typer.Option(None, help="Canopy-height head folder"),
-    landcover_head: Optional[str] = typer.Option(None, help="Land-cover head folder"),
-    canopy_model: Optional[str] = typer.Option(None, help="CHMv2 canopy model (folder or hub id) instead of a head"),
-    profile: Optional[str] = typer.Option(None, help="Sensor profile: rgb8, naip, sentinel2-l2a, landsat-c2-l2, reflectance, auto"),
-    bands: Optional[str] = typer.Option(None, help="Comma-separated R,G,B bands by index or description"),
-    window: Optional[int] = typer.Option(None, help="Window size in pixels (multiple of 16)"),
-    overlap: Optional[int] = typer.Option(None, help="Window overlap in pixels (multiple of 16)"),
-    batch_size: Optional[int] = typer.Option(None, help="Windows per model call"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda or auto"),
-    embeddings: Optional[bool] = typer.Option(None, "--embeddings/--no-embeddings", help="Also write the embedding raster"),
-    probabilities: Optional[bool] = typer.Option(None, "--probabilities/--no-probabilities", help="Also write class probabilities"),
-    scheduler: Optional[str] = typer.Option(None, help="threads, local (a LocalCluster) or a scheduler address"),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the backbone"),
-    target_gsd: Optional[float] = typer.Option(None, help="Resample to this pixel size in metres (e.g. 0.6 for SAT)"),
-    polygons: Optional[bool] = typer.Option(None, "--polygons/--no-polygons", help="Write land-cover polygons"),
-    min_polygon_area: Optional[float] = typer.Option(None, help="Drop polygons smaller than this (m²)"),
-    chunks: Optional[int] = typer.Option(None, help="Output block size in pixels, rounded down to whole window strides (memory/parallelism only)"),
-    workers: Optional[int] = typer.Option(None, help="Threads for reading, blending and writing"),
+    backbone: Optional[str] = typer.Option(None, help="DINOv3 hub id, short name, local folder or Meta .pth", show_default=_default("backbone")),
+    canopy_head: Optional[str] = typer.Option(None, help="Canopy-height head folder", show_default=_default("canopy_head")),
+    landcover_head: Optional[str] = typer.Option(None, help="Land-cover head folder", show_default=_default("landcover_head")),
+    canopy_model: Optional[str] = typer.Option(None, help="CHMv2 canopy model instead of a head: transformers folder, hub id, or Meta's head .pth (with the SAT ViT-L as --backbone)", show_default=_default("canopy_model")),
+    profile: Optional[str] = typer.Option(None, help="Sensor profile: rgb8, naip, sentinel2-l2a, landsat-c2-l2, reflectance, auto", show_default=_default("profile")),
+    bands: Optional[str] = typer.Option(None, help="Comma-separated R,G,B bands by index or description", show_default=_default("bands")),
+    window: Optional[int] = typer.Option(None, help="Window size in pixels (multiple of 16)", show_default=_default("window")),
+    overlap: Optional[int] = typer.Option(None, help="Window overlap in pixels (multiple of 16)", show_default=_default("overlap")),
+    batch_size: Optional[int] = typer.Option(None, help="Windows per model call", show_default=_default("batch_size")),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or auto", show_default=_default("device")),
+    embeddings: Optional[bool] = typer.Option(None, "--embeddings/--no-embeddings", help="Also write the embedding raster (of --backbone)", show_default=_default("embeddings")),
+    probabilities: Optional[bool] = typer.Option(None, "--probabilities/--no-probabilities", help="Also write class probabilities", show_default=_default("probabilities")),
+    scheduler: Optional[str] = typer.Option(None, help="threads, local (a LocalCluster) or a scheduler address", show_default=_default("scheduler")),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the backbone", show_default=_default("compile")),
+    target_gsd: Optional[float] = typer.Option(None, help="Resample to this pixel size in metres (e.g. 0.6 for SAT)", show_default=_default("target_gsd")),
+    polygons: Optional[bool] = typer.Option(None, "--polygons/--no-polygons", help="Write land-cover polygons", show_default=_default("polygons")),
+    min_polygon_area: Optional[float] = typer.Option(None, help="Drop polygons smaller than this (m²)", show_default=_default("min_polygon_area")),
+    chunks: Optional[int] = typer.Option(None, help="Output block size in pixels, rounded down to whole window strides (memory/parallelism only)", show_default=_default("chunks")),
+    workers: Optional[int] = typer.Option(None, help="Threads per process for reading, blending and writing (0: one per CPU core)", show_default=_default("workers")),
+    processes: Optional[int] = typer.Option(None, help="Worker processes with --scheduler local", show_default=_default("processes")),
+    crowns: Optional[bool] = typer.Option(None, "--crowns/--no-crowns", help="Also find individual trees in the canopy map (trees.gpkg, crowns.tif)", show_default=_default("crowns")),
+    quicklook: Optional[bool] = typer.Option(None, "--quicklook/--no-quicklook", help="Write quicklook.png", show_default=_default("quicklook")),
     precision: Optional[str] = typer.Option(None, help="Backbone precision: fp32, bf16 or int8 (default fp32 on a CPU, "
                                             "bf16 on CUDA); recorded in the outputs. See BENCHMARKS.md for speed and quality"),
     overwrite: bool = typer.Option(False, help="Recompute and replace finished outputs"),
+    keep_going: bool = typer.Option(False, "--keep-going", help="Run the other scenes when one fails; "
+                                    "print a summary table and exit non-zero if any failed"),
+    force: bool = typer.Option(False, "--force", help="Allow a --target-gsd that grows the processing grid "
+                               "more than 16x in pixels"),
 ) -> None:
     """Map canopy height and land cover (and embeddings) for one or many scenes."""
     from geodino.options import RunOptions, load_pipeline
@@ -112,20 +141,28 @@ def run(
                      canopy_model=canopy_model, profile=profile, bands=_bands(bands), window=window, overlap=overlap,
                      batch_size=batch_size, device=device, embeddings=embeddings, probabilities=probabilities,
                      scheduler=scheduler, compile=compile, target_gsd=target_gsd, polygons=polygons,
-                     min_polygon_area=min_polygon_area, chunks=chunks, workers=workers, precision=precision)
+                     min_polygon_area=min_polygon_area, chunks=chunks, workers=workers, processes=processes,
+                     crowns=crowns, quicklook=quicklook, precision=precision)
     for key, value in overrides.items():
         if value is not None:
             setattr(options, key, value)
-    reports = run_scenes(_expand(scenes), out, options, overwrite=overwrite, log=lambda m: err.print(m, highlight=False))
-    for r in reports:
-        typer.echo(f"{r['scene'][0]}: {r['windows']} windows, {r['seconds']} s, {r['windows_per_second']} windows/s")
+    scenes = _expand(scenes)
+    options.validate(scene=scenes[0] if len(scenes) == 1 else None, out=str(out))
+    reports = run_scenes(scenes, out, options, overwrite=overwrite, keep_going=keep_going, force=force,
+                         log=lambda m: err.print(m, highlight=False, soft_wrap=True))
+    for scene, r in zip(scenes, reports):
+        typer.echo(f"{scene}: {r['windows']} windows, {r['seconds']} s, {r['windows_per_second']} windows/s")
 
 
 @app.command()
 def features(
-    scene: list[str] = typer.Argument(..., help="Scene file(s): several are mosaicked"),
-    backbone: str = typer.Option(..., help="DINOv3 hub id, short name, local folder or Meta .pth"),
+    scene: list[str] = typer.Argument(..., help="Scene file(s) or glob patterns; each is processed on its own "
+                                      "(into OUT/<name>/ when several) unless --mosaic"),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder"),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, help="DINOv3 hub id, short name, local folder or Meta .pth "
+                                 "(the same default as geodino run)"),
+    mosaic: bool = typer.Option(False, "--mosaic", help="Mosaic several files into one scene (tiles of one date; "
+                                "never two dates of one place)"),
     profile: str = typer.Option("auto", help="Sensor profile"),
     bands: Optional[str] = typer.Option(None, help="Comma-separated R,G,B bands by index or description"),
     window: int = typer.Option(512, help="Window size in pixels"),
@@ -136,20 +173,14 @@ def features(
     overwrite: bool = typer.Option(False, help="Replace existing outputs"),
 ) -> None:
     """Per-patch DINOv3 embeddings as a georeferenced raster, plus a 3-band PCA picture."""
-    from geodino.features import pca_picture
-    from geodino.pipeline import RunOptions, build_run, write_scene
+    from geodino.features import write_features
+    from geodino.pipeline import RunOptions
 
     options = RunOptions(backbone=backbone, profile=profile, bands=_bands(bands), window=window, overlap=overlap,
                          batch_size=batch_size, device=device, embeddings=True, embeddings_dtype=dtype,
                          polygons=False)
-    from geodino.export import check_writable
-
-    check_writable([out / "embeddings.tif", out / "embeddings_pca.tif"], overwrite)
-    run = build_run(scene, options)
-    write_scene(run, out, overwrite=overwrite)
-    pca_picture(out / "embeddings.tif", out / "embeddings_pca.tif", overwrite=overwrite)
-    typer.echo(str(out / "embeddings.tif"))
-    typer.echo(str(out / "embeddings_pca.tif"))
+    for path in write_features(_expand(scene), out, options, mosaic=mosaic, overwrite=overwrite):
+        typer.echo(str(path))
 
 
 @app.command()
@@ -183,9 +214,22 @@ def fit(
                     profile=profile, bands=_bands(bands), window=window, class_column=class_column,
                     name_column=name_column, epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
                     val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, device=device)
-    result = fit_head(cfg)
+    import warnings
+
+    from geodino.train import NoValidationWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NoValidationWarning)
+        result = fit_head(cfg)
+    for w in caught:
+        if issubclass(w.category, NoValidationWarning):
+            err.print(f"[bold yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     typer.echo(json.dumps({"head": str(result.head_dir), "train_windows": result.train_windows,
-                           "val_windows": result.val_windows, "metrics": _brief(result.metrics),
+                           "val_windows": result.val_windows,
+                           "metrics": {"training": _brief(result.training_metrics),
+                                       "validation": _brief(result.metrics) if result.metrics else None},
                            "baseline": {k: _brief(v) if isinstance(v, dict) else v
                                         for k, v in result.baseline.items()}}, indent=2))
 
@@ -206,6 +250,35 @@ def evaluate(
     from geodino.metrics import evaluate_rasters
 
     typer.echo(json.dumps(evaluate_rasters(prediction, reference, task), indent=2))
+
+
+@app.command("crowns")
+def crowns_command(
+    canopy: Path = typer.Argument(..., help="Canopy-height raster in metres (geodino's, a lidar CHM, CHMv2's; any CRS)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for trees.gpkg, crowns.tif and report.json"),
+    band: int = typer.Option(1, help="Band holding the heights"),
+    min_height: float = typer.Option(2.0, help="Lowest tree top and crown pixel (m)"),
+    smooth: float = typer.Option(0.0, help="Gaussian smoothing sigma before the search (m); 0: none"),
+    window_intercept: float = typer.Option(1.0, help="Search-window diameter at 0 m height (m)"),
+    window_slope: float = typer.Option(0.08, help="Window diameter growth per metre of height"),
+    window_min: float = typer.Option(1.0, help="Smallest search-window diameter (m)"),
+    window_max: float = typer.Option(10.0, help="Largest search-window diameter (m)"),
+    max_crown_radius: float = typer.Option(10.0, help="Largest distance of a crown pixel from its top (m)"),
+    crown_fraction: float = typer.Option(0.5, help="Crown pixels are at least this fraction of the top's height"),
+    block: int = typer.Option(1024, help="Block size in pixels (memory only; results do not depend on it)"),
+    overwrite: bool = typer.Option(False, help="Replace existing outputs"),
+) -> None:
+    """Individual trees from a canopy-height raster: tree tops, crown polygons, crown ids, summary."""
+    from geodino.trees import CrownParams, crowns
+
+    params = CrownParams(min_height=min_height, smoothing_m=smooth, window_intercept_m=window_intercept,
+                         window_slope=window_slope, window_min_m=window_min, window_max_m=window_max,
+                         max_crown_radius_m=max_crown_radius, crown_fraction=crown_fraction, block=block)
+    result = crowns(canopy, out, params, band=band, overwrite=overwrite)
+    report = result.report
+    typer.echo(f"{report['trees']} trees, {report['density_per_ha']} per ha -> {out}")
+    for p in result.outputs.values():
+        typer.echo(str(p))
 
 
 def _data_samples() -> Path:
@@ -230,12 +303,12 @@ def demo(
     import json
 
     from geodino.pipeline import build_run, load_pipeline, write_scene
-    from geodino.quicklook import quicklook
 
     samples = _data_samples()
     options = load_pipeline(samples.parent / "pipelines" / "demo.yaml")
     options.device = device
     options.precision = precision
+    options.quicklook = True
     if backbone:
         # the bundled heads belong to the bundled tiny backbone: another backbone gets embeddings
         options.backbone, options.canopy_head, options.landcover_head = backbone, None, None
@@ -245,35 +318,113 @@ def demo(
         options.canopy_model, options.canopy_head = canopy_model, None
     run = build_run(str(samples / "scene" / "scene.tif"), options)
     report = write_scene(run, out, overwrite=overwrite)
-    png = quicklook((samples / "scene" / "scene.tif", [3, 2, 1]), out, out / "quicklook.png")
+    png = out / report["outputs"]["quicklook"]  # write_scene draws it
     typer.echo(json.dumps({"outputs": {k: str(out / v) for k, v in report["outputs"].items()},
                            "quicklook": str(png), "report": str(out / "report.json")}, indent=2))
 
 
+def _embedding_options(backbone, profile, bands, window, overlap, batch_size, device) -> dict:
+    """Run options for computing embeddings from a scene (none when SCENE already is embeddings)."""
+    options = dict(profile=profile, bands=_bands(bands), window=window, overlap=overlap, batch_size=batch_size,
+                   device=device)
+    if backbone:
+        options["backbone"] = backbone
+    return {k: v for k, v in options.items() if v is not None}
+
+
+@app.command()
+def similar(
+    scene: str = typer.Argument(..., help="Scene file, or embeddings.tif / an output folder that has one"),
+    exemplar: str = typer.Option(..., help="x,y in the scene's CRS, or a vector file (points or polygons)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (similarity.tif; embeddings.tif for a scene)"),
+    backbone: Optional[str] = typer.Option(None, help="DINOv3 backbone, needed when SCENE is a scene"),
+    profile: Optional[str] = typer.Option(None, help="Sensor profile (default auto)"),
+    bands: Optional[str] = typer.Option(None, help="Comma-separated R,G,B bands by index or description"),
+    window: Optional[int] = typer.Option(None, help="Window size in pixels"),
+    overlap: Optional[int] = typer.Option(None, help="Window overlap in pixels"),
+    batch_size: Optional[int] = typer.Option(None, help="Windows per model call"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or auto"),
+    overwrite: bool = typer.Option(False, help="Replace existing outputs"),
+) -> None:
+    """Cosine similarity of every patch embedding to an exemplar's mean embedding (similarity.tif)."""
+    from geodino.analysis import parse_exemplar, write_similarity
+
+    opts = _embedding_options(backbone, profile, bands, window, overlap, batch_size, device)
+    typer.echo(str(write_similarity(scene, parse_exemplar(exemplar), out, overwrite=overwrite, **opts)))
+
+
+@app.command()
+def cluster(
+    scene: str = typer.Argument(..., help="Scene file, or embeddings.tif / an output folder that has one"),
+    k: int = typer.Option(8, "--k", "-k", help="Number of clusters (2-254)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (clusters.tif, clusters.qml)"),
+    seed: int = typer.Option(0, help="Random seed: the same seed gives the same clusters"),
+    backbone: Optional[str] = typer.Option(None, help="DINOv3 backbone, needed when SCENE is a scene"),
+    profile: Optional[str] = typer.Option(None, help="Sensor profile (default auto)"),
+    bands: Optional[str] = typer.Option(None, help="Comma-separated R,G,B bands by index or description"),
+    window: Optional[int] = typer.Option(None, help="Window size in pixels"),
+    overlap: Optional[int] = typer.Option(None, help="Window overlap in pixels"),
+    batch_size: Optional[int] = typer.Option(None, help="Windows per model call"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or auto"),
+    overwrite: bool = typer.Option(False, help="Replace existing outputs"),
+) -> None:
+    """Streaming k-means of the patch embeddings: a cluster map COG with a colour table."""
+    from geodino.analysis import cluster as run_cluster
+
+    opts = _embedding_options(backbone, profile, bands, window, overlap, batch_size, device)
+    result = run_cluster(scene, k, seed=seed, out=out, overwrite=overwrite, progress=None, **opts)
+    typer.echo(str(result.path))
+
+
+@app.command()
+def explore(
+    out_dir: Path = typer.Argument(..., help="Output folder of `geodino run` (or a scene's subfolder)"),
+    html: Path = typer.Option(..., "--html", help="Standalone HTML file to write"),
+    max_size: int = typer.Option(1024, help="Largest side of each raster layer in pixels (bounds the file size)"),
+    basemap: bool = typer.Option(True, "--basemap/--no-basemap", help="Add an OpenStreetMap layer (loads when online)"),
+    overwrite: bool = typer.Option(False, help="Replace an existing HTML file"),
+) -> None:
+    """An interactive web map of a run's outputs (layers, legends, click to read values) as one HTML file."""
+    from geodino.webmap import save_html
+
+    typer.echo(str(save_html(out_dir, html, max_size=max_size, basemap=basemap, overwrite=overwrite)))
+
+
 def main(argv: list[str] | None = None) -> int:
-    try:
-        app(args=argv, standalone_mode=False)
-    except GeodinoError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        return e.exit_code
-    except typer.Abort:
-        err.print("aborted")
-        return 130
-    except KeyboardInterrupt:
-        err.print("interrupted; partial outputs were removed")
-        return 130
-    except Exception as e:
-        # typer's (vendored) click signals usage errors and --help through exceptions
-        if hasattr(e, "show") and hasattr(e, "exit_code"):
-            e.show()
+    """Run one command; the exit status: 0 done, 2 a user error (one line, no traceback),
+    130 interrupted (SIGINT), 143 terminated (SIGTERM), 1 a bug (with its traceback)."""
+    from geodino.runtime import exit_code_for, gdal_settings, signals_as_interrupts
+
+    with signals_as_interrupts() as signals, gdal_settings():
+        try:
+            status = app(args=argv, standalone_mode=False)
+        except GeodinoError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             return e.exit_code
-        if type(e).__name__ == "Exit":
-            return getattr(e, "exit_code", 0)
-        raise
-    return 0
+        except (typer.Abort, KeyboardInterrupt):
+            status = 130
+        except Exception as e:
+            # typer's (vendored) click signals usage errors and --help through exceptions
+            if hasattr(e, "show") and hasattr(e, "exit_code"):
+                e.show()
+                return e.exit_code
+            if type(e).__name__ == "Exit":
+                return getattr(e, "exit_code", 0)
+            raise
+    # typer turns KeyboardInterrupt into Exit(130) and, outside standalone mode, returns its code
+    if status == 130 or signals.received is not None:
+        code = exit_code_for(signals.received)
+        name = "terminated (SIGTERM)" if code == 143 else "interrupted (SIGINT)"
+        err.print(f"{name}: stopped; what was in progress was not left at its final paths", highlight=False,
+                  soft_wrap=True)
+        return code
+    return status if isinstance(status, int) else 0
 
 
 def entry() -> None:
+    from geodino.runtime import limit_malloc_arenas
+
+    limit_malloc_arenas()  # this process is geodino's own (a library user's is not: geodino.runtime)
     sys.exit(main())
 
 

@@ -9,11 +9,13 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import rasterio
 from rasterio.windows import Window
 
 from geodino.classes import ClassTable
 from geodino.errors import OutputExistsError
+from geodino.timing import stage
 
 
 def partial_path(final: Path) -> Path:
@@ -55,7 +57,6 @@ def polygonize(raster: str | os.PathLike, out: str | os.PathLike, classes: Class
     """
     import geopandas as gpd
     import pandas as pd
-    import shapely
     from rasterio.features import shapes
 
     out = Path(out)
@@ -71,7 +72,7 @@ def polygonize(raster: str | os.PathLike, out: str | os.PathLike, classes: Class
             valid = data != nodata
             for geom, value in shapes(data, mask=valid, connectivity=4,
                                       transform=src.window_transform(win)):
-                g = shapely.geometry.shape(geom)
+                g = _polygon(geom)
                 codes.append(int(value))
                 geoms.append(g)
                 # rows just inside a strip border, on either side, may continue next door
@@ -102,6 +103,14 @@ def polygonize(raster: str | os.PathLike, out: str | os.PathLike, classes: Class
     return out
 
 
+def _polygon(geojson: dict):
+    """A shapely polygon from a GeoJSON polygon mapping (rings as arrays: 2x faster than shape())."""
+    import shapely
+
+    rings = [np.asarray(ring, dtype=np.float64) for ring in geojson["coordinates"]]
+    return shapely.Polygon(rings[0], rings[1:])
+
+
 def _touches_row(geom, transform, row: int) -> bool:
     """Whether a polygon's boundary reaches the horizontal pixel edge at ``row``."""
     y = transform.f + transform.e * row
@@ -119,8 +128,15 @@ class RasterOutput:
     """One raster to export: a lazy (band, y, x) DataArray plus how to describe it."""
 
     def __init__(self, path, data, *, dtype: str, nodata, descriptions=None, units=None, tags=None,
-                 classes: ClassTable | None = None, overview_resampling: str = "average", grid=None) -> None:
+                 classes: ClassTable | None = None, overview_resampling: str = "average", grid=None,
+                 after=None, observers=()) -> None:
         self.path = Path(path)
+        # after(cog_path): work on the finished COG (still at its temporary path) that can run
+        # while other outputs are converted, e.g. polygons from a class raster
+        self.after = after
+        # observer(block): called with each (band, rows, cols) block as it is written, e.g. to
+        # build a report's statistics without reading the output back
+        self.observers = list(observers)
         self.grid = grid  # geodino.scene.Grid; None: taken from the DataArray's rio accessor
         self.data = data
         self.dtype = dtype
@@ -137,7 +153,7 @@ class RasterOutput:
         else:
             crs, transform = self.data.rio.crs, self.data.rio.transform()
         count, height, width = self.data.shape
-        predictor = 3 if self.dtype.startswith("float") else 2
+        predictor = 3 if self.dtype.startswith("float") else 1  # differencing class codes does not pay
         return dict(driver="GTiff", width=width, height=height, count=count, dtype=self.dtype, crs=crs,
                     transform=transform, nodata=self.nodata, tiled=True, blockxsize=block,
                     blockysize=block, compress=compress, predictor=predictor, BIGTIFF="IF_SAFER")
@@ -175,15 +191,27 @@ def _describe(dst, out: RasterOutput) -> None:
         dst.update_tags(1, CATEGORY_NAMES=";".join(cats))
 
 
-def to_cog(src_path: Path, dst_path: Path, *, resampling: str, compress: str = "DEFLATE") -> None:
-    """Convert a tiled GeoTIFF into a Cloud-Optimized GeoTIFF with internal overviews."""
+# DEFLATE level per kind of data, measured on a 4096^2 pipeline output (BENCHMARKS.md): float
+# heights at level 1 take 0.59x the CPU time of level 6 for 8% more bytes; class maps compress
+# best without a predictor, at the default level. ZSTD level 3: smaller than DEFLATE 6, as fast as DEFLATE 1.
+_LEVELS = {("DEFLATE", True): 1, ("DEFLATE", False): 6, ("ZSTD", True): 3, ("ZSTD", False): 3}
+
+
+def to_cog(src_path: Path, dst_path: Path, *, resampling: str, compress: str = "DEFLATE",
+           threads: int | str = "ALL_CPUS") -> None:
+    """Convert a tiled GeoTIFF (or a VRT of one) into a Cloud-Optimized GeoTIFF with internal
+    overviews: the source's own overviews where it has them, else made with ``resampling``."""
     from rasterio.shutil import copy as rio_copy
 
     with rasterio.open(src_path) as src:
-        predictor = "FLOATING_POINT" if src.dtypes[0].startswith("float") else "YES"
-    rio_copy(str(src_path), str(dst_path), driver="COG", COMPRESS=compress, PREDICTOR=predictor,
-             BLOCKSIZE=str(COG_BLOCK), OVERVIEW_RESAMPLING=resampling.upper(), RESAMPLING=resampling.upper(),
-             BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS")
+        is_float = src.dtypes[0].startswith("float")
+    options = dict(COMPRESS=compress.upper(), PREDICTOR="FLOATING_POINT" if is_float else "NO")
+    level = _LEVELS.get((compress.upper(), is_float))
+    if level is not None:
+        options["LEVEL"] = str(level)
+    rio_copy(str(src_path), str(dst_path), driver="COG", BLOCKSIZE=str(COG_BLOCK),
+             OVERVIEW_RESAMPLING=resampling.upper(), RESAMPLING=resampling.upper(), BIGTIFF="IF_SAFER",
+             NUM_THREADS=str(threads), **options)
 
 
 def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compress: str = "DEFLATE",
@@ -191,14 +219,20 @@ def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compr
     """Compute the lazy outputs together (each window inferred once) and export each as a COG.
 
     Blocks stream, row of blocks by row of blocks (:func:`geodino.stream.stream_blocks`), into
-    a tiled GeoTIFF beside each target; that file is converted to a COG and renamed into
-    place. Any failure or interrupt leaves nothing at the final paths.
+    a tiled GeoTIFF beside each target (compressed fast: it is read once), and into overview
+    levels pooled on the way (:class:`geodino.overviews.Pyramid`). Each file is then converted
+    to a COG, the outputs side by side on threads (GDAL releases the GIL), and renamed into
+    place when all are done. Any failure or interrupt leaves nothing at the final paths.
     """
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from geodino.overviews import Pyramid
     from geodino.stream import stream_blocks
 
     check_writable([o.path for o in outputs], overwrite)
     with contextlib.ExitStack() as stack:
-        staged, datasets = [], []
+        staged, datasets, pyramids, profiles = [], [], [], []
         for out in outputs:
             final_tmp = stack.enter_context(atomic_path(out.path))
             stream_tmp = stack.enter_context(_removed_after(partial_path(out.path)))
@@ -206,15 +240,44 @@ def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compr
         with contextlib.ExitStack() as open_files:
             for out, stream_tmp, _ in staged:
                 profile = out.creation_profile(intermediate_compress, stream_tile_size(out.data.chunks))
+                if intermediate_compress.upper() == "ZSTD":
+                    profile.update(ZSTD_LEVEL=1)
+                profiles.append(profile)
                 dst = open_files.enter_context(rasterio.open(stream_tmp, "w", **profile))
                 _describe(dst, out)
                 datasets.append(dst)
+                pyramid = Pyramid(stream_tmp, profile, out.data.chunks, classes=out.classes is not None)
+                stack.callback(pyramid.cleanup)
+                pyramids.append(pyramid if pyramid.usable else None)
             sources = [o.data.data.astype(o.dtype) if o.data.dtype != o.dtype else o.data.data for o in outputs]
             for index, (rows, cols), block in stream_blocks(sources):
                 window = Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
-                datasets[index].write(block, window=window)
-        for out, stream_tmp, final_tmp in staged:
-            to_cog(stream_tmp, final_tmp, resampling=out.overview_resampling, compress=compress)
+                with stage("write"):
+                    datasets[index].write(block, window=window)
+                with stage("overviews"):
+                    if pyramids[index] is not None:
+                        pyramids[index].write(block, rows, cols)
+                for observe in outputs[index].observers:
+                    observe(block)
+        # the conversions run side by side; GDAL's compression threads share the cores
+        threads = max(1, (os.cpu_count() or 1) // len(staged)) if staged else 1
+
+        def convert(item, pyramid, profile) -> None:
+            out, stream_tmp, final_tmp = item
+            source = stream_tmp
+            if pyramid is not None:
+                pyramid.finish()
+                source = pyramid.vrt(stream_tmp, profile)
+                with rasterio.open(source, "r+") as vrt:
+                    _describe(vrt, out)
+            with stage("cog"):
+                to_cog(source, final_tmp, resampling=out.overview_resampling, compress=compress, threads=threads)
+            if out.after is not None:
+                out.after(final_tmp)
+
+        with ThreadPoolExecutor(max(1, len(staged)), thread_name_prefix="geodino-cog") as pool:
+            for done in [pool.submit(convert, *args) for args in zip(staged, pyramids, profiles)]:
+                done.result()
     return [o.path for o in outputs]
 
 

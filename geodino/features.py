@@ -55,3 +55,34 @@ def pca_picture(embeddings: str | Path, out: str | Path, *, sample: int = 100_00
                     rgb[ok] = (1 + np.clip((p - lo) / (hi - lo), 0, 1) * 254).astype(np.uint8)
                 dst.write(rgb.T.reshape(3, win.height, win.width), window=win)
     return out
+
+
+def write_features(scenes: list[str], out: str | Path, options, *, mosaic: bool = False,
+                   overwrite: bool = False) -> list[Path]:
+    """``geodino features``: embeddings + PCA picture per scene (OUT/<name>/ when several), or of one mosaic.
+
+    Several files are mosaicked only when asked: two dates of one tile would otherwise be
+    blended into one picture that shows neither.
+    """
+    from geodino.errors import InputError
+    from geodino.pipeline import build_run, write_scene
+
+    out = Path(out)
+    if mosaic or len(scenes) == 1:
+        jobs = [(scenes, out)]
+    else:
+        stems = [Path(s).stem for s in scenes]
+        twice = sorted({s for s in stems if stems.count(s) > 1})
+        if twice:
+            raise InputError(f"several scenes are named {', '.join(twice)}: their outputs would collide in "
+                             f"{out}/<name>/; rename them, run them one by one, or pass --mosaic to mosaic them")
+        jobs = [([s], out / stem) for s, stem in zip(scenes, stems)]
+    for _, folder in jobs:
+        check_writable([folder / "embeddings.tif", folder / "embeddings_pca.tif"], overwrite)
+    written = []
+    for paths, folder in jobs:
+        run = build_run(paths if len(paths) > 1 else paths[0], options)
+        write_scene(run, folder, overwrite=overwrite)
+        written += [folder / "embeddings.tif",
+                    pca_picture(folder / "embeddings.tif", folder / "embeddings_pca.tif", overwrite=overwrite)]
+    return written

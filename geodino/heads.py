@@ -43,6 +43,7 @@ class HeadMeta:
     classes: dict | None = None
     units: str | None = None
     max_height: float = 80.0
+    gsd: float | None = None  # pixel size (m) of the scene it was fitted on; None: not recorded
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
 
@@ -178,7 +179,10 @@ def load_head(path: str | os.PathLike, *, backbone=None) -> nn.Module:
 
     p = Path(path)
     if not (p / META_FILE).exists() or not (p / HEAD_FILE).exists():
-        raise ModelError(f"{p}: not a geodino head folder (expected {META_FILE} and {HEAD_FILE})")
+        what = "does not exist" if not p.exists() else f"is not a geodino head folder (no {META_FILE} and {HEAD_FILE})"
+        raise ModelError(f"{p} {what}: fit a head on a labelled scene first, e.g. `geodino fit canopy --scene S.tif "
+                         f"--labels HEIGHTS.tif --backbone B --out {p}` (land cover: geodino fit landcover), or run "
+                         "without it (geodino run SCENE --out DIR lists what works)")
     data = json.loads((p / META_FILE).read_text())
     try:
         meta = HeadMeta(**data)

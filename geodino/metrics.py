@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from geodino.errors import InputError
+
 BLOCK = 50  # pixels: block-R² averages heights over 50 x 50 px blocks
 
 
@@ -127,7 +129,6 @@ def evaluate_rasters(prediction: str | Path, reference: str | Path, task: str, *
     from rasterio.vrt import WarpedVRT
     from rasterio.windows import Window
 
-    from geodino.errors import InputError
     from geodino.scene import _open_checked
 
     if task not in ("canopy", "landcover"):
@@ -136,6 +137,12 @@ def evaluate_rasters(prediction: str | Path, reference: str | Path, task: str, *
         for ds, label in ((pred, prediction), (ref, reference)):
             if ds.crs is None:
                 raise InputError(f"{label}: has no CRS")
+            check_task_matches(ds, label, task)
+        overlap = _overlap_pixels(pred, ref)
+        if overlap == 0:
+            raise InputError(f"{prediction} and {reference} do not overlap (prediction bounds "
+                             f"{_fmt_bounds(pred.bounds)}, reference bounds {_fmt_bounds(_bounds_in(ref, pred.crs))} "
+                             f"in {pred.crs.to_string()}); nothing to compare")
         finer = abs(ref.transform.a) < abs(pred.transform.a) * 0.75
         if task == "canopy":
             resampling = Resampling.average if finer else Resampling.bilinear
@@ -161,8 +168,59 @@ def evaluate_rasters(prediction: str | Path, reference: str | Path, task: str, *
                 out = acc.result()
             else:
                 out = acc.result(_class_names(pred, codes))
-    out.update(task=task, prediction=str(prediction), reference=str(reference))
+        if out["pixels"] < MIN_PIXELS:
+            px_km2 = abs(pred.transform.a * pred.transform.e) / 1e6 if pred.crs.is_projected else None
+            area = f", {overlap * px_km2:.4g} km²" if px_km2 else ""
+            raise InputError(f"{prediction} and {reference} overlap on {overlap} prediction pixels{area}, of which "
+                             f"{out['pixels']} are valid in both: fewer than {MIN_PIXELS}, too few for metrics "
+                             "that mean anything; check that the rasters cover the same place")
+    out.update(task=task, prediction=str(prediction), reference=str(reference), overlap_pixels=overlap)
     return out
+
+
+MIN_PIXELS = 100  # pixels valid in both rasters that evaluate_rasters needs
+
+
+def check_task_matches(ds, label, task: str) -> None:
+    """Refuse a raster that does not hold what the task compares: class codes (integers,
+    often with a colour table or class tags) for land cover, heights for canopy."""
+    kind = np.dtype(ds.dtypes[0]).kind
+    tags = ds.tags(1)
+    classes = "class_codes" in tags or "CATEGORY_NAMES" in tags or _has_colormap(ds)
+    if task == "landcover" and kind == "f":
+        raise InputError(f"{label}: holds {ds.dtypes[0]} values (heights?), not class codes; "
+                         "use --task canopy for canopy heights")
+    if task == "canopy" and classes:
+        raise InputError(f"{label}: is a class raster (it has a colour table or class names), not heights; "
+                         "use --task landcover for land cover")
+
+
+def _has_colormap(ds) -> bool:
+    try:
+        return bool(ds.colormap(1))
+    except ValueError:
+        return False
+
+
+def _bounds_in(ds, crs):
+    from rasterio.warp import transform_bounds
+
+    return ds.bounds if ds.crs == crs else transform_bounds(ds.crs, crs, *ds.bounds, densify_pts=21)
+
+
+def _fmt_bounds(b) -> str:
+    return "(" + ", ".join(f"{v:.6g}" for v in b) + ")"
+
+
+def _overlap_pixels(pred, ref) -> int:
+    """Prediction pixels inside the reference's extent (in the prediction's CRS)."""
+    west, south, east, north = _bounds_in(ref, pred.crs)
+    pw, ps, pe, pn = pred.bounds
+    w, e = max(west, pw), min(east, pe)
+    s, n = max(south, ps), min(north, pn)
+    if w >= e or s >= n:
+        return 0
+    return round((e - w) / abs(pred.transform.a)) * round((n - s) / abs(pred.transform.e))
 
 
 def _class_codes(ds) -> list[int]:

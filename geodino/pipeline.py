@@ -9,7 +9,9 @@ Options live in :mod:`geodino.options`, the report in :mod:`geodino.report`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,15 +25,18 @@ import xarray as xr
 import geodino
 from geodino.classes import ClassTable
 from geodino.errors import ConfigError
-from geodino.export import RasterOutput, atomic_path, polygonize, write_rasters
+from geodino.export import RasterOutput, atomic_path, check_writable, polygonize, write_rasters
+from geodino.model_checks import check_model_fit, is_demo_model
+from geodino.fingerprint import display_path
 from geodino.options import RunOptions, load_pipeline
 from geodino.predict import ModelBundle, auto_batch_size
 from geodino.progress import Progress
-from geodino.report import REPORT, make_report
+from geodino.report import REPORT, ClassCounts, HeightStats, make_report
 from geodino.scene import open_scene, require_valid_pixels
 from geodino.sensor import prepare
 from geodino.stitch import stitch
 from geodino.tiling import WindowSpec, window_grid
+from geodino.timing import stage
 
 
 @dataclass
@@ -46,6 +51,7 @@ class SceneRun:
     options: RunOptions
     classes: ClassTable | None = None
     hooks: list = field(default_factory=list)  # called with the number of windows each batch finishes
+    fingerprint: dict | None = None  # what the outputs are made from (geodino.fingerprint); set by the runner
 
 
 def _classes_of(bundle: ModelBundle) -> ClassTable | None:
@@ -72,6 +78,7 @@ def build_run(scene_paths, options: RunOptions, progress=None) -> SceneRun:
     profile = options.profile or _profile_of(bundle) or "auto"
     scene, norm = prepare(scene, profile, bundle.family_name, options.bands)
     require_valid_pixels(scene)
+    check_model_fit(scene, options.backbone, bundle.load()[1], options.canopy_model)
     spec = WindowSpec(options.window, options.overlap)
     tiles = window_grid(scene.grid.height, scene.grid.width, spec)
     hooks = [progress] if progress is not None else []
@@ -81,6 +88,7 @@ def build_run(scene_paths, options: RunOptions, progress=None) -> SceneRun:
             hook(n)
 
     batch_size = options.batch_size or auto_batch_size(bundle, spec.size)
+    bundle = bundle.with_batch_size(batch_size)  # a compiled model pads every call to it
     stitched = stitch(scene, norm, tiles, bundle, bundle.outputs(), overlap=spec.overlap,
                       batch_size=batch_size, chunks=options.chunks, progress=advance)
     classes = _classes_of(bundle)
@@ -90,14 +98,16 @@ def build_run(scene_paths, options: RunOptions, progress=None) -> SceneRun:
         chm.attrs.update(units="m", long_name="canopy height")
         variables["canopy_height"] = chm
     if "landcover" in stitched:
-        probs = stitched["landcover"]
+        logits = stitched["landcover"]  # blended logits, NaN where no valid input
         codes = np.asarray(classes.codes, np.uint8)
-        labels = da.map_blocks(_argmax_codes, probs.data, codes, classes.nodata, drop_axis=0, dtype=np.uint8)
-        lc = xr.DataArray(labels, dims=("y", "x"), coords={"y": probs.y, "x": probs.x},
+        labels = da.map_blocks(_argmax_codes, logits.data, codes, classes.nodata, drop_axis=0, dtype=np.uint8)
+        lc = xr.DataArray(labels, dims=("y", "x"), coords={"y": logits.y, "x": logits.x},
                           attrs={"long_name": "land cover", "class_codes": list(classes.codes),
-                                 "class_names": list(classes.names), "_FillValue": classes.nodata})
+                                 "class_names": list(classes.names), "_FillValue": classes.nodata,
+                                 "class_colors": [v for c in classes.classes for v in c.color]})
         variables["landcover"] = lc
         if options.probabilities:
+            probs = logits.copy(data=da.map_blocks(_softmax, logits.data, dtype=np.float32))
             variables["landcover_probability"] = probs.drop_vars("band_name", errors="ignore").rename(band="class").assign_coords(
                 **{"class": list(classes.codes), "class_name": ("class", list(classes.names))})
     if "embeddings" in stitched:
@@ -108,14 +118,30 @@ def build_run(scene_paths, options: RunOptions, progress=None) -> SceneRun:
     ds.attrs.update(scene=scene.name, backbone=options.backbone, profile=norm.profile, window=spec.size,
                     overlap=spec.overlap, geodino_version=geodino.__version__,
                     precision=bundle.load()[0].precision)
+    # what geodino.plot needs to draw the scene as the model saw it
+    ds.attrs.update(scene_paths=json.dumps(list(scene.paths)), scene_bands=list(scene.bands),
+                    normalisation=json.dumps(norm.to_dict()))
     return SceneRun(ds, scene, norm, bundle, tiles, options, classes, hooks)
 
 
-def _argmax_codes(probs: np.ndarray, codes: np.ndarray, nodata: int) -> np.ndarray:
-    invalid = np.isnan(probs[0])
-    out = codes[np.argmax(np.nan_to_num(probs, nan=-1.0), axis=0)]
-    out[invalid] = nodata
-    return out
+def _argmax_codes(logits: np.ndarray, codes: np.ndarray, nodata: int) -> np.ndarray:
+    """Class codes of the largest logit; ``nodata`` where the logits are NaN (all bands are)."""
+    with stage("argmax"):
+        best = np.zeros(logits.shape[1:], np.uint8)
+        top = logits[0].copy()
+        for k in range(1, logits.shape[0]):  # a running maximum reads each band once
+            larger = logits[k] > top
+            best[larger] = k
+            np.maximum(top, logits[k], out=top)
+        out = codes[best]
+        out[np.isnan(top)] = nodata
+        return out
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities from blended logits (NaN stays NaN)."""
+    e = np.exp(logits - logits.max(axis=0, keepdims=True))
+    return (e / e.sum(axis=0, keepdims=True)).astype(np.float32)
 
 
 def run_scene(scene, *, backbone: str, canopy_head: str | None = None, landcover_head: str | None = None,
@@ -139,17 +165,31 @@ def output_paths(out_dir: Path, options: RunOptions, has: Sequence[str]) -> dict
     return paths
 
 
-def _provenance(run: SceneRun) -> dict:
+def _provenance(run: SceneRun, out: Path) -> dict:
     o = run.options
-    return {"geodino_version": geodino.__version__, "backbone": o.backbone,
-            "canopy_head": o.canopy_head or o.canopy_model or "", "landcover_head": o.landcover_head or "",
+
+    def shown(path):  # relative to the output folder: no absolute paths of this machine in tags
+        return display_path(path, out) if path else ""
+
+    return {"geodino_version": geodino.__version__, "backbone": shown(o.backbone),
+            "canopy_head": shown(o.canopy_head or o.canopy_model), "landcover_head": shown(o.landcover_head),
             "window": o.window, "overlap": o.overlap, "sensor_profile": run.normalisation.profile,
-            "normalisation": json.dumps(run.normalisation.to_dict()), **_precision_tags(run)}
+            "normalisation": json.dumps(run.normalisation.to_dict()), **_model_tags(run)}
 
 
-def _precision_tags(run: SceneRun) -> dict:
+def _model_tags(run: SceneRun) -> dict:
+    """What a reader of the file must know about the models: demo or real, CHMv2's own input."""
+    tags = {"demo_model": "true" if is_demo_model(run.options.backbone) else "false"}
     backbone = run.bundle.load()[0]
-    return {"precision": backbone.precision, "precision_detail": backbone.precision_detail}
+    tags.update(precision=backbone.precision, precision_detail=backbone.precision_detail)
+    chm = run.bundle.load()[2]
+    if chm is not None:
+        from geodino.sensor import CHMV2_STATS
+
+        tags["canopy_model_normalisation"] = json.dumps({"mean": list(CHMV2_STATS[0]), "std": list(CHMV2_STATS[1]),
+                                                         "restandardised_from": chm.input_family})
+        tags["canopy_model_precision"] = chm.precision
+    return tags
 
 
 def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, quiet: bool = False) -> dict:
@@ -157,17 +197,29 @@ def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ds, o = run.dataset, run.options
-    tags = _provenance(run)
+    tags = _provenance(run, out)
     grid = run.scene.grid
     rasters = []
+    stats = {"canopy_height": HeightStats(), "landcover": ClassCounts()}  # filled as blocks are written
     if "canopy_height" in ds:
         rasters.append(RasterOutput(out / "canopy_height.tif", ds["canopy_height"].expand_dims(band=1),
                                     dtype="float32", nodata=float("nan"), descriptions=["canopy height"],
-                                    units="m", tags=tags, overview_resampling="average", grid=grid))
+                                    units="m", tags=tags, overview_resampling="average", grid=grid,
+                                    observers=[stats["canopy_height"].update]))
+    polygons = out / "landcover.gpkg" if "landcover" in ds and o.polygons else None
+    if polygons is not None:
+        check_writable([polygons], overwrite)
+    stack = contextlib.ExitStack()
+    # polygons are made from the class COG while the other outputs are still being converted,
+    # and appear at their final path only when everything succeeded
+    staged = stack.enter_context(atomic_path(polygons)) if polygons is not None else None
     if "landcover" in ds:
+        after = functools.partial(_polygons, staged=staged, classes=run.classes, min_area=o.min_polygon_area) \
+            if staged is not None else None
         rasters.append(RasterOutput(out / "landcover.tif", ds["landcover"].expand_dims(band=1), dtype="uint8",
                                     nodata=run.classes.nodata, descriptions=["land cover"], tags=tags,
-                                    classes=run.classes, overview_resampling="mode", grid=grid))
+                                    classes=run.classes, overview_resampling="mode", grid=grid, after=after,
+                                    observers=[stats["landcover"].update]))
     if "landcover_probability" in ds:
         rasters.append(RasterOutput(out / "landcover_probability.tif", ds["landcover_probability"],
                                     dtype="float32", nodata=float("nan"),
@@ -178,9 +230,14 @@ def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, 
         rasters.append(RasterOutput(out / "embeddings.tif", emb, dtype=o.embeddings_dtype, nodata=float("nan"),
                                     descriptions=[f"embedding {i}" for i in range(emb.shape[0])], tags=tags,
                                     overview_resampling="average", grid=grid.coarsen(run.bundle.patch_size)))
+    if o.crowns:  # refuse before the long part, not after it
+        check_writable([out / "trees.gpkg", out / "crowns.tif"], overwrite)
+    # styles and the quicklook are outputs too: never replace such files without overwrite
+    extras = [out / f"{r.path.stem}.qml" for r in rasters if r.path.stem in ("landcover", "canopy_height")]
+    check_writable(extras + ([out / "quicklook.png"] if o.quicklook else []), overwrite)
     total = len(run.tiles)
     start = time.perf_counter()
-    with Progress(f"{run.scene.name}", total=total, enabled=None if not quiet else False) as bar:
+    with stack, Progress(f"{run.scene.name}", total=total, enabled=None if not quiet else False) as bar:
         run.hooks.append(bar.advance)
         try:
             with _scheduler(o):
@@ -189,27 +246,51 @@ def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, 
             run.hooks.remove(bar.advance)
     elapsed = time.perf_counter() - start
     outputs = {r.path.stem: str(r.path.name) for r in rasters}
-    if "landcover" in ds and o.polygons:
-        polygonize(out / "landcover.tif", out / "landcover.gpkg", run.classes,
-                   min_area=o.min_polygon_area, overwrite=overwrite)
-        outputs["landcover_polygons"] = "landcover.gpkg"
-    report = make_report(run, out, elapsed, outputs)
+    if polygons is not None:
+        outputs["landcover_polygons"] = polygons.name
+    trees = None
+    if o.crowns and "canopy_height" in outputs:
+        from geodino.trees import crowns
+
+        trees = crowns(out / outputs["canopy_height"], out, overwrite=overwrite, write_report=False,
+                       progress=False if quiet else None)
+        outputs.update({k: p.name for k, p in trees.outputs.items()})
+    from geodino.styles import style_outputs
+
+    outputs.update(style_outputs(out, run.classes, outputs))
+    if o.quicklook:
+        from geodino.quicklook import quicklook
+
+        outputs["quicklook"] = quicklook(out, out / "quicklook.png", scene=run.scene,
+                                         stretch=(run.normalisation.lo, run.normalisation.hi)).name
+    with stage("report"):
+        report = make_report(run, out, elapsed, outputs, stats)
+    if trees is not None:
+        report["trees"] = {k: v for k, v in trees.report.items() if k not in ("outputs", "canopy_height")}
+    report["scene_bands"] = list(run.scene.bands)
     with atomic_path(out / REPORT) as tmp:
         tmp.write_text(json.dumps(report, indent=2))
     return report
 
 
+def _polygons(cog: Path, *, staged: Path, classes: ClassTable, min_area: float) -> None:
+    with stage("polygons"):
+        polygonize(cog, staged, classes, min_area=min_area, overwrite=True)
+
+
 @contextlib.contextmanager
 def _scheduler(options: RunOptions):
     """threads: dask's local threads; local: a LocalCluster; anything else: a scheduler address."""
+    processes = options.processes if options.scheduler == "local" else 1
+    workers = options.workers or max(1, (os.cpu_count() or 1) // processes)
     if options.scheduler == "threads":
-        with dask.config.set(scheduler="threads", num_workers=options.workers):
+        with dask.config.set(scheduler="threads", num_workers=workers):
             yield None
         return
     from distributed import Client, LocalCluster
 
     if options.scheduler == "local":
-        with LocalCluster(n_workers=1, threads_per_worker=options.workers, processes=True,
+        with LocalCluster(n_workers=options.processes, threads_per_worker=workers, processes=True,
                           dashboard_address=None) as cluster, Client(cluster) as client:
             yield client
     else:

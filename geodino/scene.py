@@ -11,6 +11,8 @@ written on.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 import threading
@@ -100,10 +102,15 @@ class Scene:
 
     # -- reading ------------------------------------------------------------------
 
+    @functools.cached_property
+    def _handle_key(self) -> tuple:
+        # hashing the grid hashes its CRS through WKT: once per scene, not once per window read
+        return self.source, self.grid.crs.to_wkt(), self.grid.transform, self.grid.shape, self.resampling
+
     def _dataset(self):
         """A rasterio dataset for this thread (rasterio handles are not thread-safe)."""
         cache = _HANDLES.__dict__.setdefault("datasets", {})
-        key = (self.source, self.grid, self.resampling)
+        key = self._handle_key
         ds = cache.get(key)
         if ds is None or ds.closed:
             src = rasterio.open(self.source)
@@ -143,8 +150,9 @@ class Scene:
             return out, valid
         inner = Window(ic0, ir0, ic1 - ic0, ir1 - ir0)
         part = out if inside else np.empty((len(self.bands), ir1 - ir0, ic1 - ic0), np.float32)
-        ds.read(self.bands, window=inner, out=part)
-        ok = self._valid(ds, window=inner)
+        with self._read_errors(f"window col {ic0}-{ic1}, row {ir0}-{ir1}"):
+            ds.read(self.bands, window=inner, out=part)
+            ok = self._valid(ds, window=inner)
         if any(np.issubdtype(np.dtype(ds.dtypes[b - 1]), np.floating) for b in self.bands):
             finite = np.isfinite(part).all(axis=0)
             if not finite.all():
@@ -154,6 +162,17 @@ class Scene:
             out[:, ir0 - r0:ir1 - r0, ic0 - c0:ic1 - c0] = part
         valid[ir0 - r0:ir1 - r0, ic0 - c0:ic1 - c0] = ok
         return out, valid
+
+    @contextlib.contextmanager
+    def _read_errors(self, where: str):
+        """A damaged tile or strip becomes an InputError that says where, so the user can
+        check or replace the file (GDAL's own message names only the block)."""
+        try:
+            yield
+        except RasterioIOError as e:
+            cause = e.__cause__ or e.__context__ or e
+            raise InputError(f"{self.paths[0]}: cannot read the pixels of {where} (the file may be damaged "
+                             f"there: {_first_line(cause)})") from None
 
     def block_cache_bytes(self, window: int) -> int:
         """GDAL block cache that the source blocks of two neighbouring windows take.
@@ -195,9 +214,10 @@ class Scene:
             return self.read(Window(0, 0, self.grid.width, self.grid.height))
         if ds.overviews(self.bands[0]):
             shape = (max(1, round(self.grid.height / scale)), max(1, round(self.grid.width / scale)))
-            data = ds.read(self.bands, out_shape=(len(self.bands),) + shape, out_dtype="float32",
-                           resampling=Resampling.nearest)
-            valid = self._valid(ds, out_shape=shape)
+            with self._read_errors(f"the overview ({shape[1]} x {shape[0]} px) of the whole scene"):
+                data = ds.read(self.bands, out_shape=(len(self.bands),) + shape, out_dtype="float32",
+                               resampling=Resampling.nearest)
+                valid = self._valid(ds, out_shape=shape)
             finite = np.isfinite(data).all(axis=0)
             return np.where(finite[None], data, 0.0), valid & finite
         f = math.ceil(scale)
@@ -212,19 +232,25 @@ class Scene:
             step = bh * max(1, 512 // bh)
             spans = [(r, min(r + step, self.grid.height)) for r in range(0, self.grid.height, step)]
         col_step = self.grid.width if bw >= self.grid.width else bw * max(1, 512 // bw)
-        for r0, r1 in spans:
-            ri = np.flatnonzero((rows >= r0) & (rows < r1))
-            if not len(ri):
-                continue
-            for c0 in range(0, self.grid.width, col_step):
-                c1 = min(c0 + col_step, self.grid.width)
-                ci = np.flatnonzero((cols >= c0) & (cols < c1))
-                if not len(ci):
+        from geodino.progress import Progress
+
+        # a warped scene is warped block by block here, which takes long on a big target grid
+        with Progress(f"{self.name}: warping for statistics", total=len(spans), unit="block rows",
+                      enabled=None if self.warped else False) as bar:
+            for r0, r1 in spans:
+                bar.advance()
+                ri = np.flatnonzero((rows >= r0) & (rows < r1))
+                if not len(ri):
                     continue
-                block, ok = self.read(Window(c0, r0, c1 - c0, r1 - r0))
-                sel = np.ix_(rows[ri] - r0, cols[ci] - c0)
-                data[:, ri[0]:ri[-1] + 1, ci[0]:ci[-1] + 1] = block[(slice(None),) + sel]
-                valid[ri[0]:ri[-1] + 1, ci[0]:ci[-1] + 1] = ok[sel]
+                for c0 in range(0, self.grid.width, col_step):
+                    c1 = min(c0 + col_step, self.grid.width)
+                    ci = np.flatnonzero((cols >= c0) & (cols < c1))
+                    if not len(ci):
+                        continue
+                    block, ok = self.read(Window(c0, r0, c1 - c0, r1 - r0))
+                    sel = np.ix_(rows[ri] - r0, cols[ci] - c0)
+                    data[:, ri[0]:ri[-1] + 1, ci[0]:ci[-1] + 1] = block[(slice(None),) + sel]
+                    valid[ri[0]:ri[-1] + 1, ci[0]:ci[-1] + 1] = ok[sel]
         return data, valid
 
     def to_xarray(self, chunks: int | str = 512):
@@ -436,10 +462,13 @@ def open_scene(paths: str | os.PathLike | Sequence[str | os.PathLike], *, bands:
                resampling: str = "bilinear") -> Scene:
     """Open one raster, a mosaic (several files) or a band stack (``stack=True``) as a Scene.
 
-    ``bands`` selects bands by 1-based index or by description. Scenes in a geographic CRS
+    ``paths`` may also be an in-memory rioxarray DataArray (band, y, x) or (y, x), lazy or not
+    (see :func:`array_source`). ``bands`` selects bands by 1-based index or by description. Scenes in a geographic CRS
     are warped to their local UTM zone; ``target_gsd`` resamples to that pixel size (metres);
     ``crs`` forces a processing CRS.
     """
+    if _is_dataarray(paths):
+        paths = array_source(paths)
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     paths = [str(p) for p in paths]
@@ -503,3 +532,98 @@ def with_bands(scene: Scene, bands: Sequence[int | str]) -> Scene:
         idx = resolve_bands(ds, bands, scene.paths[0])
         names = tuple((ds.descriptions[b - 1] or f"band {b}") for b in idx)
     return replace(scene, bands=idx, band_names=names)
+
+
+# --------------------------------------------------------------------------------------
+# in-memory arrays
+
+_ARRAY_DIR: list[Path] = []
+
+
+def _is_dataarray(obj) -> bool:
+    return type(obj).__name__ == "DataArray" and hasattr(obj, "dims")
+
+
+def _array_dir() -> Path:
+    """geodino's folder for arrays written as files, removed when the process exits."""
+    if not _ARRAY_DIR:
+        import atexit
+        import shutil
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="geodino-arrays-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _ARRAY_DIR.append(folder)
+    return _ARRAY_DIR[0]
+
+
+def _array_descriptions(arr) -> list[str | None]:
+    if "band_name" in arr.coords:
+        return [str(v) for v in np.atleast_1d(arr["band_name"].values)]
+    if arr["band"].dtype.kind in "OUS":
+        return [str(v) for v in arr["band"].values]
+    names = arr.attrs.get("long_name")
+    if isinstance(names, (tuple, list)) and len(names) == arr.sizes["band"]:
+        return [str(v) for v in names]
+    return [None] * arr.sizes["band"]
+
+
+def array_source(arr, strip_rows: int = 512) -> str:
+    """A tiled GeoTIFF holding a rioxarray DataArray, written once, strip by strip (lazy arrays
+    are computed a strip at a time), and reused for the same array.
+
+    Scenes are read window by window through GDAL (and must pickle, for dask.distributed), so
+    an in-memory scene becomes a file in a temporary folder that is removed at exit. CRS,
+    transform, nodata (``rio.nodata`` or the encoded one) and band names (``band_name``
+    coordinate, string band labels or ``long_name``) travel with it.
+    """
+    import dask.base
+    import rioxarray  # noqa: F401  (registers .rio)
+
+    from geodino.export import atomic_path
+
+    if arr.ndim == 2:
+        arr = arr.expand_dims(band=[1])
+    dims = tuple(arr.dims)
+    if arr.ndim != 3 or dims[1:] != ("y", "x"):
+        raise InputError(f"an in-memory scene must be a DataArray with dimensions (band, y, x) or (y, x); got {dims}")
+    arr = arr.rename({dims[0]: "band"}) if dims[0] != "band" else arr
+    if arr.rio.crs is None:
+        raise InputError("the DataArray has no CRS; set one with da.rio.write_crs(...)")
+    if arr.sizes["y"] == 0 or arr.sizes["x"] == 0:
+        raise InputError(f"the DataArray is empty ({arr.sizes['x']} x {arr.sizes['y']})")
+    dtype = str(arr.dtype)
+    if dtype not in SUPPORTED_DTYPES:
+        raise InputError(f"the DataArray's data type {dtype} is not supported (use one of {', '.join(SUPPORTED_DTYPES)})")
+    # the stored GeoTransform is exact but rioxarray keeps it through strided selections; the
+    # one recomputed from coordinates is always right but carries float noise: exact when they agree
+    transform, stored = arr.rio.transform(recalc=True), arr.rio.transform()
+    if np.allclose(tuple(transform)[:6], tuple(stored)[:6], rtol=0, atol=1e-6 * abs(stored.a or 1)):
+        transform = stored
+    if transform.b != 0 or transform.d != 0 or transform.a == 0 or transform.e == 0:
+        raise InputError("the DataArray's coordinates do not form a north-up grid")
+    nodata = arr.rio.nodata if arr.rio.nodata is not None else arr.rio.encoded_nodata
+    descriptions = _array_descriptions(arr)
+    token = dask.base.tokenize(arr.data, transform, arr.rio.crs.to_wkt(), nodata, descriptions)
+    stem = str(arr.name or arr.attrs.get("scene") or "array").replace("/", "_")[:40]
+    path = _array_dir() / f"{stem}-{token[:16]}.tif"
+    if path.exists():
+        return str(path)
+    count, height, width = arr.shape
+    block = 256 if min(height, width) >= 256 else 16 * max(1, min(height, width) // 16)
+    if nodata is not None and np.isnan(nodata) and dtype[0] != "f":
+        nodata = None  # a NaN fill of integer data marks nothing
+    profile = dict(driver="GTiff", width=width, height=height, count=count, dtype=dtype, crs=arr.rio.crs,
+                   transform=transform, nodata=nodata, tiled=min(height, width) >= 16, compress="ZSTD",
+                   BIGTIFF="IF_SAFER")
+    if profile["tiled"]:
+        profile.update(blockxsize=block, blockysize=block)
+    with atomic_path(path) as tmp:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            for i, d in enumerate(descriptions, start=1):
+                if d:
+                    dst.set_band_description(i, d)
+            for row in range(0, height, strip_rows):
+                rows = min(strip_rows, height - row)
+                dst.write(np.asarray(arr[:, row:row + rows, :].values), window=Window(0, row, width, rows))
+    return str(path)

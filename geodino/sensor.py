@@ -20,6 +20,9 @@ FAMILY_STATS = {
     "web": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # LVD-1689M
     "sat": ((0.430, 0.411, 0.296), (0.213, 0.156, 0.143)),  # SAT-493M (Maxar RGB)
 }
+# Meta's CHMv2 canopy-height model was trained with its own mean (red 0.420, not SAT's
+# 0.430): its inference notebook and transformers' CHMv2ImageProcessor both use these.
+CHMV2_STATS = ((0.420, 0.411, 0.296), (0.213, 0.156, 0.143))
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,36 @@ def choose_bands(profile: SensorProfile, scene) -> tuple[int, int, int] | None:
     return None
 
 
+def suggest_profile(scene) -> tuple[str, str] | None:
+    """(profile, why) that fits a scene by its dtype, band count and band descriptions, if one clearly does."""
+    import rasterio
+
+    with rasterio.open(scene.source) as ds:
+        descriptions = [(d or "").strip() for d in ds.descriptions]
+        count, dtype = ds.count, ds.dtypes[0]
+    named = {d.upper() for d in descriptions if d}
+    if {"SR_B4", "SR_B3", "SR_B2"} <= named and dtype == "uint16":
+        return "landsat-c2-l2", "its band descriptions name Landsat Collection 2 surface reflectance (SR_B4, SR_B3, SR_B2)"
+    if ({"B04", "B03", "B02"} <= named or {"B4", "B3", "B2"} <= named) and dtype == "uint16":
+        return "sentinel2-l2a", "its band descriptions name Sentinel-2 bands (B04, B03, B02)"
+    if sum("reflectance" in d.lower() for d in descriptions) >= 3 and dtype != "uint8":
+        return "reflectance", "its band descriptions say surface reflectance (blue, green, red, NIR order)"
+    if {"RED", "GREEN", "BLUE"} <= named and dtype in ("uint16", "int16"):
+        return "reflectance", "its bands are named red, green, blue with 16-bit values (reflectance x10000)"
+    if count == 4 and dtype == "uint8" and not named:
+        return "naip", "it is 4-band uint8 with undescribed bands, as NAIP RGBN is"
+    if count >= 3 and dtype == "uint8":
+        return "rgb8", "it is 8-bit imagery (bands 1-3 as red, green, blue)"
+    return None
+
+
+def profile_hint(scene, otherwise: str, current: str | None = None) -> str:
+    fit = suggest_profile(scene)
+    if fit is None or fit[0] == current:
+        return otherwise
+    return f"use --profile {fit[0]} ({fit[1]}), or {otherwise}"
+
+
 def prepare(scene, profile_name: str = "auto", family: str = "sat", bands=None):
     """Select the 3 input bands of ``scene`` for a profile and compute its fixed normalisation.
 
@@ -158,14 +191,16 @@ def prepare(scene, profile_name: str = "auto", family: str = "sat", bands=None):
         if chosen is not None:
             scene = with_bands(scene, chosen)
         elif scene.count != 3:
-            raise InputError(f"{scene.paths[0]}: cannot tell which bands are red, green and blue; pass --bands "
-                             f"(bands are {', '.join(scene.band_names)})")
+            raise InputError(f"{scene.paths[0]}: cannot tell which bands are red, green and blue with profile "
+                             f"{profile.name} (bands are {', '.join(scene.band_names)}); "
+                             + profile_hint(scene, "pass --bands R,G,B"))
     if scene.count != 3:
         raise InputError(f"{scene.paths[0]}: the backbone takes 3 bands, {scene.count} selected "
                          f"({', '.join(scene.band_names)}); pass exactly three with --bands")
     if scene.dtype not in profile.dtypes:
         raise InputError(f"{scene.paths[0]}: profile {profile.name} expects {'/'.join(profile.dtypes)} data, "
-                         f"the scene is {scene.dtype}; use --profile auto or a profile for this sensor")
+                         f"the scene is {scene.dtype}; "
+                         + profile_hint(scene, "use --profile auto or a profile for this sensor", profile.name))
     mean, std = FAMILY_STATS[family]
     if profile.lo is not None:
         lo, hi = (profile.lo,) * 3, (profile.hi,) * 3

@@ -39,14 +39,18 @@ def _is_batch(key) -> bool:
     return isinstance(key, tuple) and isinstance(key[0], str) and key[0].startswith(BATCH_PREFIX)
 
 
-def _get():
-    """The active scheduler's ``get``: a distributed client if one is set, else local threads."""
+def _client():
+    """The active dask.distributed client, or None."""
     try:
         from distributed import get_client
 
-        return get_client().get
+        return get_client()
     except (ImportError, ValueError):
-        pass
+        return None
+
+
+def _get():
+    """The local scheduler's ``get``: the synchronous one if configured, else threads."""
     scheduler = dask.config.get("scheduler", None)
     if scheduler in ("sync", "synchronous", "single-threaded"):
         return dask.get
@@ -83,8 +87,15 @@ def release_free_memory() -> None:
         _TRIM(0)
 
 
-def _plan(graph: dict, arrays: Sequence, blocks_per_wave: int):
-    """Waves of blocks in the order their window batches complete, and each batch's users."""
+def _plan(graph: dict, arrays: Sequence, batches_per_wave: int):
+    """Waves of blocks in the order their window batches complete, and each batch's users.
+
+    A wave holds the blocks completed by the next ``batches_per_wave`` batches, so that many
+    batch tasks (each reading its windows, then taking its turn on the model) run at once:
+    reading and normalising the next batches overlap the current model call. Waves of a
+    fixed number of blocks needed at most one new batch each (blocks are about a window
+    wide), so reading, inference and blending took turns however many cores there were.
+    """
     blocks = []  # (sort key, dask key, (array index, slices), output grid shape, batch keys)
     for i, a in enumerate(arrays):
         if a.ndim != 3 or len(a.chunks[0]) != 1:
@@ -101,9 +112,15 @@ def _plan(graph: dict, arrays: Sequence, blocks_per_wave: int):
                 x0 += width
             y0 += height
     blocks.sort(key=lambda b: b[0])
+    groups, horizon = [], None
+    for block in blocks:
+        last = block[0][0]
+        if horizon is None or last >= horizon:
+            groups.append([])
+            horizon = last + batches_per_wave
+        groups[-1].append(block)
     waves, uses = [], {}
-    for w, start in enumerate(range(0, len(blocks), blocks_per_wave)):
-        members = blocks[start:start + blocks_per_wave]
+    for w, members in enumerate(groups):
         batches = set().union(*(b[4] for b in members))
         waves.append(([b[1] for b in members], [b[2] for b in members], batches))
         for _, _, (_, slices), shape, deps in members:
@@ -112,19 +129,25 @@ def _plan(graph: dict, arrays: Sequence, blocks_per_wave: int):
     return waves, uses
 
 
-def stream_blocks(arrays: Sequence, blocks_per_wave: int | None = None
+def stream_blocks(arrays: Sequence, batches_per_wave: int | None = None
                   ) -> Iterator[tuple[int, tuple[slice, slice], object]]:
     """Yield (array index, (row slice, col slice), block) for (band, y, x) dask arrays.
 
-    Blocks are computed ``blocks_per_wave`` at a time, ordered by the last window batch they
-    need (so row-major on the window grid; blocks of several arrays that share batches go
-    together). While the caller consumes one wave, the next one computes in the background.
+    Blocks are computed in waves, ordered by the last window batch they need (so row-major
+    on the window grid; blocks of several arrays that share batches go together); each wave
+    brings in ``batches_per_wave`` new batches, computed at the same time (default: one per
+    worker thread, 2 to 8). While the caller consumes one wave, the next one computes in the
+    background.
     """
     graph = dict(HighLevelGraph.merge(*[a.__dask_graph__() for a in arrays]))
-    if blocks_per_wave is None:
-        blocks_per_wave = max(4, int(dask.config.get("num_workers", None) or 2))
-    waves, uses = _plan(graph, arrays, blocks_per_wave)
+    if batches_per_wave is None:
+        batches_per_wave = min(8, max(2, int(dask.config.get("num_workers", None) or 2)))
+    waves, uses = _plan(graph, arrays, batches_per_wave)
     last_use = {k: max(w for w, _, _ in u) for k, u in uses.items()}
+    client = _client()
+    if client is not None:
+        yield from _stream_distributed(client, graph, waves, last_use)
+        return
     get = _get()
 
     def compute(w: int, cache: dict):
@@ -159,3 +182,36 @@ def stream_blocks(arrays: Sequence, blocks_per_wave: int | None = None
                 if pending is not None:
                     pending.cancel()
                 raise
+
+
+def _stream_distributed(client, graph: dict, waves: list, last_use: dict):
+    """Waves on a dask.distributed cluster: batch results stay on the workers as futures.
+
+    Passing batch results back in as data (the local way) would ship them to the scheduler
+    with every wave ("Sending large graph"). Here a later wave's graph names the batches it
+    shares with earlier waves by their futures, so the graph carries only tasks (a few KB
+    per wave, whatever the scene size), and only finished blocks travel to this process.
+    The next wave is submitted before this one's blocks are handed to the caller.
+    """
+    held: dict = {}  # batch key -> Future, until its last wave
+
+    def submit(w: int):
+        keys, _, batches = waves[w]
+        keep = sorted((k for k in batches if last_use[k] > w and k not in held), key=str)
+        culled, _ = cull(graph, keys + keep)
+        for k in batches:
+            if k in held:
+                culled[k] = held[k]
+        futures = client.get(culled, keys + keep, sync=False)
+        held.update(zip(keep, futures[len(keys):]))
+        for k in [k for k in held if last_use[k] <= w]:
+            del held[k]  # the cluster frees a batch once no wave needs it
+        return futures[:len(keys)]
+
+    pending = submit(0) if waves else None
+    for w in range(len(waves)):
+        current = pending
+        pending = submit(w + 1) if w + 1 < len(waves) else None
+        blocks = client.gather(current)
+        for (index, slices), block in zip(waves[w][1], blocks):
+            yield index, slices, block

@@ -232,6 +232,43 @@ def _shadow_offsets(cfg: SynthConfig) -> list[tuple[int, int]]:
     return sorted(offsets)
 
 
+def _crown_surface(cfg: SynthConfig, gy, gx, pi, pj, present, ccy, ccx, crad, cheight, track_owner=False,
+                   shaded=True):
+    """Crown domes over the pixels: (canopy height, illumination factor, owning cell as (2, h, w)).
+
+    Each pixel takes the highest dome among the crowns of its own and its 8 neighbour cells;
+    the owner is that crown's cell (-1 where no crown covers the pixel; only if ``track_owner``).
+    """
+    canopy = np.zeros(gy.shape, np.float64)
+    shade = np.ones(gy.shape, np.float64)  # crown illumination factor
+    owner = np.full((2,) + gy.shape, -1, np.int64) if track_owner else None
+    sun_az, sun_el = math.radians(cfg.sun_azimuth), math.radians(cfg.sun_elevation)
+    # sun vector in (row, col, up): rows grow south, so north component is -row
+    sun = np.array([-math.cos(sun_az) * math.cos(sun_el), math.sin(sun_az) * math.cos(sun_el), math.sin(sun_el)])
+    for oy in (-1, 0, 1):
+        for ox in (-1, 0, 1):
+            a, b = pi + oy, pj + ox
+            p = present[a, b]
+            dyy = gy - ccy[a, b]
+            dxx = gx - ccx[a, b]
+            r = crad[a, b]
+            d2 = (dyy * dyy + dxx * dxx) / (r * r)
+            inside = p & (d2 < 1.0)
+            surface = np.where(inside, cheight[a, b] * np.sqrt(np.clip(1.0 - d2, 0.0, 1.0)) ** 0.5, 0.0)
+            take = surface > canopy
+            if take.any():
+                canopy = np.where(take, surface, canopy)
+                if shaded:
+                    # unit normal of the crown dome, lit by the sun vector
+                    nz = np.sqrt(np.clip(1.0 - d2, 0.0, 1.0))
+                    illum = dyy / r * sun[0] + dxx / r * sun[1] + nz * sun[2]
+                    shade = np.where(take, 0.55 + 0.45 * np.clip(illum, 0.0, 1.0), shade)
+                if track_owner:
+                    owner[0] = np.where(take, np.floor(gy / _CELL) + oy, owner[0])
+                    owner[1] = np.where(take, np.floor(gx / _CELL) + ox, owner[1])
+    return canopy, shade, owner
+
+
 def render_block(cfg: SynthConfig, row0: int, col0: int, height: int, width: int, *,
                  with_shadow: bool = False):
     """Render one block: (image uint16 (4,h,w), land cover uint8 (h,w), canopy float32 (h,w)).
@@ -257,28 +294,7 @@ def render_block(cfg: SynthConfig, row0: int, col0: int, height: int, width: int
     pi = (np.floor(gy / _CELL).astype(np.int64) - ci0)
     pj = (np.floor(gx / _CELL).astype(np.int64) - cj0)
 
-    canopy = np.zeros(gy.shape, np.float64)
-    shade = np.ones(gy.shape, np.float64)  # crown illumination factor
-    sun_az, sun_el = math.radians(cfg.sun_azimuth), math.radians(cfg.sun_elevation)
-    # sun vector in (row, col, up): rows grow south, so north component is -row
-    sun = np.array([-math.cos(sun_az) * math.cos(sun_el), math.sin(sun_az) * math.cos(sun_el), math.sin(sun_el)])
-    for oy in (-1, 0, 1):
-        for ox in (-1, 0, 1):
-            a, b = pi + oy, pj + ox
-            p = present[a, b]
-            dyy = gy - ccy[a, b]
-            dxx = gx - ccx[a, b]
-            r = crad[a, b]
-            d2 = (dyy * dyy + dxx * dxx) / (r * r)
-            inside = p & (d2 < 1.0)
-            surface = np.where(inside, cheight[a, b] * np.sqrt(np.clip(1.0 - d2, 0.0, 1.0)) ** 0.5, 0.0)
-            take = surface > canopy
-            if take.any():
-                # unit normal of the crown dome, lit by the sun vector
-                nz = np.sqrt(np.clip(1.0 - d2, 0.0, 1.0))
-                illum = dyy / r * sun[0] + dxx / r * sun[1] + nz * sun[2]
-                canopy = np.where(take, surface, canopy)
-                shade = np.where(take, 0.55 + 0.45 * np.clip(illum, 0.0, 1.0), shade)
+    canopy, shade, _ = _crown_surface(cfg, gy, gx, pi, pj, present, ccy, ccx, crad, cheight)
 
     # Ground shadows: inside the capsule swept by a crown disk along the shadow direction.
     sdy, sdx = cfg.shadow_step
@@ -333,6 +349,72 @@ def render_block(cfg: SynthConfig, row0: int, col0: int, height: int, width: int
     if with_shadow:
         return image, lc.astype(np.uint8), canopy, in_shadow
     return image, lc.astype(np.uint8), canopy
+
+
+def _canopy_with_owner(cfg: SynthConfig, row0: int, col0: int, height: int, width: int):
+    gy, gx = np.meshgrid(np.arange(row0, row0 + height) + 0.5, np.arange(col0, col0 + width) + 0.5, indexing="ij")
+    gi, gj = np.meshgrid(np.arange(row0 // _CELL - 2, (row0 + height) // _CELL + 3),
+                         np.arange(col0 // _CELL - 2, (col0 + width) // _CELL + 3), indexing="ij")
+    cells = _tree_cells(cfg, gi.astype(np.float64), gj.astype(np.float64))
+    pi = np.floor(gy / _CELL).astype(np.int64) - gi[0, 0]
+    pj = np.floor(gx / _CELL).astype(np.int64) - gj[0, 0]
+    canopy, _, owner = _crown_surface(cfg, gy, gx, pi, pj, *cells, track_owner=True, shaded=False)
+    return canopy, owner, (gy, gx), int(gj[0, 0])
+
+
+def render_canopy(cfg: SynthConfig, row0: int, col0: int, height: int, width: int) -> np.ndarray:
+    """Only the canopy-height band of :func:`render_block` (the same float32 values), without
+    the land cover, shadows and reflectance that make a full block ten times slower."""
+    canopy, _, (gy, gx), _ = _canopy_with_owner(cfg, row0, col0, height, width)
+    canopy = canopy.astype(np.float32)
+    if cfg.nodata_collar:
+        canopy = np.where(footprint_mask(cfg, gy, gx), canopy, np.float32(np.nan)).astype(np.float32)
+    return canopy
+
+
+def crown_table(cfg: SynthConfig, row0: int = 0, col0: int = 0, height: int | None = None,
+                width: int | None = None) -> dict[str, np.ndarray]:
+    """Every crown whose centre lies in a region, from the same hashes that draw the pixels.
+
+    Returns arrays, one entry per crown, sorted by centre row then column: ``row``, ``col``
+    (centre in global pixel coordinates, fractional), ``x``, ``y`` (centre in the scene's
+    CRS), ``radius_m``, ``height_m`` (the dome's apex), ``area_m2`` (the disk, pi r^2),
+    ``visible_area_m2`` (pixels where this crown is the top surface, as the canopy raster
+    shows it) and ``apex_visible`` (the pixel holding the centre shows this crown, inside
+    the valid footprint: a top that a canopy raster can reveal; a crown under a taller
+    neighbour's dome cannot be found from heights alone).
+    """
+    height = cfg.height - row0 if height is None else height
+    width = cfg.width - col0 if width is None else width
+    ci, cj = np.meshgrid(np.arange(row0 // _CELL - 1, (row0 + height) // _CELL + 2),
+                         np.arange(col0 // _CELL - 1, (col0 + width) // _CELL + 2), indexing="ij")
+    ci, cj = ci.ravel().astype(np.float64), cj.ravel().astype(np.float64)
+    present, cy, cx, radius, tree_h = _tree_cells(cfg, ci, cj)
+    keep = present & (cy >= row0) & (cy < row0 + height) & (cx >= col0) & (cx < col0 + width)
+    order = np.lexsort((cx[keep], cy[keep]))
+    ci, cj, cy, cx, radius, tree_h = (a[keep][order] for a in (ci, cj, cy, cx, radius, tree_h))
+
+    # who owns each pixel of the region grown by the largest crown radius
+    m = math.ceil(_MAX_RADIUS) + 1
+    r0, c0, h, w = row0 - m, col0 - m, height + 2 * m, width + 2 * m
+    _, owner, (gy, gx), gj0 = _canopy_with_owner(cfg, r0, c0, h, w)
+    if cfg.nodata_collar:
+        owner[:, ~footprint_mask(cfg, gy, gx)] = -1
+    # owners as one integer key per cell, counted per crown
+    span = int(max(np.abs(owner[1]).max(), abs(gj0), np.abs(cj).max() if cj.size else 0)) * 2 + 8
+    key_pix = owner[0] * span + owner[1]
+    key_tree = (ci * span + cj).astype(np.int64)
+    uniq, counts = np.unique(key_pix[owner[0] >= 0], return_counts=True)
+    uniq, counts = np.append(uniq, np.iinfo(np.int64).max), np.append(counts, 0)  # a sentinel past every key
+    pos = np.searchsorted(uniq, key_tree)
+    visible_px = np.where(uniq[pos] == key_tree, counts[pos], 0)
+    apex_owner = key_pix[np.floor(cy).astype(np.int64) - r0, np.floor(cx).astype(np.int64) - c0]
+    t = cfg.transform
+    return {
+        "row": cy, "col": cx, "x": t.c + cx * t.a, "y": t.f + cy * t.e,
+        "radius_m": radius * cfg.gsd, "height_m": tree_h, "area_m2": math.pi * (radius * cfg.gsd) ** 2,
+        "visible_area_m2": visible_px * cfg.gsd ** 2, "apex_visible": apex_owner == key_tree,
+    }
 
 
 def footprint_mask(cfg: SynthConfig, gy: np.ndarray, gx: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ import numpy as np
 from rasterio.windows import Window
 
 from geodino.errors import ConfigError
+from geodino.timing import stage
 
 PATCH = 16
 
@@ -127,12 +128,14 @@ def read_tile(scene, normalise, tile: Tile, out: np.ndarray | None = None) -> tu
     inner_w = min(tile.size, w - tile.col)
     pad_h, pad_w = tile.size - inner_h, tile.size - inner_w
     direct = out if not (pad_h or pad_w) else None
-    raw, valid = scene.read(Window(tile.col, tile.row, inner_w, inner_h), out=direct)
-    x = fill_invalid(normalise(raw, inplace=True), valid)
-    if pad_h or pad_w:
-        mode = "reflect" if inner_h > 1 and inner_w > 1 else "edge"
-        x = np.pad(x, ((0, 0), (0, pad_h), (0, pad_w)), mode=mode)
-        valid = np.pad(valid, ((0, pad_h), (0, pad_w)), mode="constant", constant_values=False)
+    with stage("read"):
+        raw, valid = scene.read(Window(tile.col, tile.row, inner_w, inner_h), out=direct)
+    with stage("normalise"):
+        x = fill_invalid(normalise(raw, inplace=True), valid)
+        if pad_h or pad_w:
+            mode = "reflect" if inner_h > 1 and inner_w > 1 else "edge"
+            x = np.pad(x, ((0, 0), (0, pad_h), (0, pad_w)), mode=mode)
+            valid = np.pad(valid, ((0, pad_h), (0, pad_w)), mode="constant", constant_values=False)
     if out is None:
         return np.ascontiguousarray(x, dtype=np.float32), valid
     if x is not out:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -32,6 +33,7 @@ from geodino.progress import Progress
 from geodino.tiling import Tile, WindowSpec, read_tile, window_grid
 
 VECTOR_SUFFIXES = (".gpkg", ".shp", ".geojson", ".json", ".fgb", ".parquet")
+NAME_COLUMNS = ("class_name", "name", "class", "label", "landcover", "land_cover")  # tried in order
 
 
 @dataclass
@@ -114,8 +116,14 @@ class Labels:
             raise InputError(f"{self.path}: no column {column!r} (columns: {', '.join(map(str, gdf.columns))})")
         if name_column is not None and name_column not in gdf.columns:
             raise InputError(f"{self.path}: no column {name_column!r}")
-        values = gdf[column]
         import pandas as pd
+
+        if name_column is None and self.task == "landcover":
+            # a text column beside the codes names the classes (e.g. `id` + `class`)
+            texts = [c for c in NAME_COLUMNS if c in gdf.columns and c != column
+                     and not pd.api.types.is_numeric_dtype(gdf[c])]
+            name_column = texts[0] if texts else None
+        values = gdf[column]
 
         if not pd.api.types.is_numeric_dtype(values):
             raise InputError(f"{self.path}: column {column!r} must hold numbers (class codes or heights); "
@@ -126,7 +134,7 @@ class Labels:
             codes = sorted(int(v) for v in gdf[column].unique())
             names = {}
             if name_column:
-                names = {int(c): str(n) for c, n in zip(gdf[column], gdf[name_column])}
+                names = _names_by_code(gdf[column], gdf[name_column], f"{self.path}, column {name_column!r}")
             self.classes = classes or _table_for(codes, names)
         else:
             self.classes = None
@@ -191,6 +199,28 @@ class Labels:
         out = np.full((tile.size, tile.size), -1, np.int64)
         out[:ih, :iw] = lut[np.clip(raw, 0, len(lut) - 1)]
         return out
+
+
+def _names_by_code(codes, names, label: str) -> dict[int, str]:
+    """Each class code's name: the one most of its polygons carry. Real label files have slips
+    (a polygon of code 5 named like code 4); those are reported, not silently taken."""
+    from collections import Counter
+
+    counts: dict[int, Counter] = {}
+    for c, n in zip(codes, names):
+        counts.setdefault(int(c), Counter())[str(n)] += 1
+    majority = {c: cnt.most_common(1)[0] for c, cnt in counts.items()}
+    out = {}
+    for c, cnt in counts.items():
+        top = [n for n, k in cnt.items() if k == majority[c][1]]
+        # a tie: prefer a name no other code goes by
+        free = [n for n in top if all(majority[o][0] != n for o in counts if o != c)]
+        out[c] = min(free or top)
+    mixed = {c: dict(cnt) for c, cnt in counts.items() if len(cnt) > 1}
+    if mixed:
+        warnings.warn(f"{label}: some class codes carry several names {mixed}; using "
+                      f"{ {c: out[c] for c in mixed} }", stacklevel=3)
+    return out
 
 
 def _box(west, south, east, north):
@@ -343,13 +373,17 @@ def _silog(pred, target, lam: float = 0.85, eps: float = 1.0):
 
 @dataclass
 class FitResult:
+    """``metrics``: on the validation windows (None when there were none);
+    ``training_metrics``: on the training windows (how well the head fits its own labels)."""
+
     head_dir: Path
-    metrics: dict
+    metrics: dict | None
     baseline: dict
     train_windows: int
     val_windows: int
     backbone_calls: int = 0
     history: list = field(default_factory=list)
+    training_metrics: dict = field(default_factory=dict)
 
 
 def fit(cfg: FitConfig, *, backbone=None, progress: bool = True) -> FitResult:
@@ -390,7 +424,7 @@ def fit(cfg: FitConfig, *, backbone=None, progress: bool = True) -> FitResult:
                     backbone_layers=list(backbone.layers), patch_size=backbone.patch_size, profile=norm.profile,
                     family=backbone.info.family, window=cfg.window, overlap=64 if cfg.window > 128 else 32,
                     hidden=cfg.hidden, classes=classes.to_dict() if classes else None,
-                    units="m" if cfg.task == "canopy" else None)
+                    units="m" if cfg.task == "canopy" else None, gsd=_pixel_size(scene))
     head = build_head(meta).to(backbone.device)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
@@ -424,15 +458,37 @@ def fit(cfg: FitConfig, *, backbone=None, progress: bool = True) -> FitResult:
             history.append(round(total, 6))
             bar.advance()
     head.eval()
-    metrics, baseline = _evaluate(head, batch, val_idx if val_idx else train_idx, cfg, classes,
-                                  train_stats=_train_stats(targets, train_idx, cfg.task, classes))
+    stats = _train_stats(targets, train_idx, cfg.task, classes)
+    train_metrics, train_baseline = _evaluate(head, batch, train_idx, cfg, classes, train_stats=stats)
+    if val_idx:
+        metrics, baseline = _evaluate(head, batch, val_idx, cfg, classes, train_stats=stats)
+    else:
+        # no held-out data: there is nothing to say about accuracy elsewhere, and we say so
+        metrics, baseline = None, train_baseline
+        warnings.warn(NO_VALIDATION.format(n=len(train_idx)), NoValidationWarning, stacklevel=2)
     meta.training = {"scene": str(cfg.scene), "labels": str(cfg.labels), "train_windows": len(train_idx),
                      "val_windows": len(val_idx), "epochs": cfg.epochs, "lr": cfg.lr, "loss": cfg.loss,
                      "seed": cfg.seed, "split": f"spatial blocks of {cfg.split_block}x{cfg.split_block} windows",
-                     "evaluated_on": "validation windows" if val_idx else "training windows (no held-out block)"}
-    meta.metrics = {"validation": metrics, "baseline": baseline}
+                     "baseline_on": "validation windows" if val_idx else "training windows (no held-out block)"}
+    meta.metrics = {"training": train_metrics, "validation": metrics, "baseline": baseline}
     out = save_head(head, cfg.out)
-    return FitResult(out, metrics, baseline, len(train_idx), len(val_idx), calls[0], history)
+    return FitResult(out, metrics, baseline, len(train_idx), len(val_idx), calls[0], history,
+                     training_metrics=train_metrics)
+
+
+class NoValidationWarning(UserWarning):
+    """A head was fitted without held-out windows: its metrics are training metrics only."""
+
+
+NO_VALIDATION = ("NO VALIDATION DATA: all {n} labelled windows were used for training (val_fraction 0, or too "
+                 "few windows to hold a block out). Only training metrics exist; they say how well the head "
+                 "fits its own labels, not how accurate it is elsewhere. Label more area or raise val_fraction.")
+
+
+def _pixel_size(scene) -> float | None:
+    """The scene's pixel size in metres (None in a geographic CRS, which has no metre pixels)."""
+    grid = scene.grid
+    return round(float(abs(grid.res[0])), 6) if grid.crs is not None and grid.crs.is_projected else None
 
 
 class _CountingBackbone:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import DINOv3ViTModel
 
-from geodino.backbone import (ALIASES, REGISTRY, load_backbone, meta_to_hf_state_dict, resolve_name,
-                              save_tiny_backbone, tiny_config)
+from geodino.backbone import (ALIASES, REGISTRY, load_backbone, load_meta_checkpoint, meta_to_hf_state_dict,
+                              resolve_name, save_tiny_backbone, tiny_config)
 from geodino.errors import ModelError
 
 
@@ -118,12 +118,16 @@ def test_meta_checkpoint_converts_to_the_same_model(tmp_path):
     torch.save(_to_meta(model.state_dict()), path)
     converted = meta_to_hf_state_dict(torch.load(path, weights_only=True))
     assert "model.layer.0.attention.k_proj.bias" not in converted
-    backbone = load_backbone(path)
+    # not a released shape: load_backbone refuses it and names its shapes ...
+    with pytest.raises(ModelError, match=r"fit no released DINOv3 ViT: dim 128, 4 blocks, plain MLP hidden 512"):
+        load_backbone(path)
+    # ... and the Python API takes it with an explicit head count
+    loaded = load_meta_checkpoint(path, num_heads=2).eval()
     x = torch.randn(1, 3, 64, 80)
     with torch.inference_mode():
         ref = model(pixel_values=x).last_hidden_state
-    torch.testing.assert_close(backbone.model(pixel_values=x).last_hidden_state, ref, rtol=1e-5, atol=1e-5)
-    assert backbone.info.depth == 4 and backbone.num_registers == 4
+        torch.testing.assert_close(loaded(pixel_values=x).last_hidden_state, ref, rtol=1e-5, atol=1e-5)
+    assert loaded.config.num_hidden_layers == 4 and loaded.config.num_register_tokens == 4
 
 
 def test_pickled_code_checkpoint_is_refused(tmp_path):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import dask
 import numpy as np
 import pytest
@@ -142,7 +144,9 @@ def test_export_georeference_cog_and_metadata(collar_scene, tiny_models, tmp_pat
             assert d.compression.name.upper() == "DEFLATE"
             tags = d.tags()
             assert tags["geodino_version"] and tags["window"] == "128" and tags["overlap"] == "32"
-            assert tags["sensor_profile"] == "reflectance" and tags["backbone"] == tiny_models["backbone"]
+            # model paths are recorded relative to the output folder, never as this machine's absolute path
+            assert tags["sensor_profile"] == "reflectance"
+            assert tags["backbone"] == os.path.relpath(tiny_models["backbone"], tmp_path)
     with rasterio.open(tmp_path / "canopy_height.tif") as d:
         chm = d.read(1)
         assert d.units == ("m",) and d.descriptions == ("canopy height",) and np.isnan(d.nodata)
@@ -251,3 +255,64 @@ def test_normalising_in_place_gives_the_same_bits(small_scene):
     assert copy.dtype == np.float32 and raw.dtype == np.float32
     ints = norm(raw.astype(np.uint16))  # integer input: a new float32 array
     assert ints.dtype == np.float32
+
+
+class _PatchLogits:
+    """Tiny DINOv3 + a fixed linear map to 3 'logits' on the patch grid (no upsampling)."""
+
+    token = "patch-logits"
+
+    def __init__(self, backbone_dir: str) -> None:
+        self.inner = PatchLinear(backbone_dir, channels=3)
+
+    def __call__(self, inputs):
+        bb, w = self.inner._load()
+        import torch
+
+        with torch.inference_mode():
+            grid = bb(torch.from_numpy(inputs)).patches
+            logits = torch.einsum("cd,bdhw->bchw", w, grid).numpy()
+            return {"logits": logits, "sums": logits}
+
+
+def test_upsampled_outputs_blend_on_the_patch_grid_and_do_not_depend_on_chunks(collar_inputs, tiny_models):
+    """Patch-grid values blended there, interpolated per block: the same as over the whole grid."""
+    import math
+
+    import torch
+
+    scene, norm = collar_inputs
+    model = _PatchLogits(tiny_models["backbone"])
+    tiles = window_grid(scene.grid.height, scene.grid.width, WindowSpec(128, 32))
+    spec = {"logits": OutputSpec(3, 16, upsample=True), "sums": OutputSpec(3, 16)}
+
+    def run(**kw):
+        args = dict(overlap=32, batch_size=4, chunks=256) | kw
+        out = stitch(scene, norm, kw.pop("tiles", tiles), model, spec, **{k: v for k, v in args.items()
+                                                                          if k != "tiles"})
+        with dask.config.set(scheduler="threads"):
+            return out["logits"].values, out["sums"].values
+
+    up, coarse = run()
+    h, w = scene.grid.height, scene.grid.width
+    assert up.shape == (3, h, w) and coarse.shape == (3, math.ceil(h / 16), math.ceil(w / 16))
+    # reference: the normalised convolution over the whole coarse grid at once
+    import geodino.stitch as st
+
+    batches = [st.run_batch(scene, norm, tiles[i:i + 4], model, spec, 32) for i in range(0, len(tiles), 4)]
+    acc, wsum = st._accumulate("logits", 3, 0, coarse.shape[1], 0, coarse.shape[2], batches)
+    big = torch.nn.functional.interpolate(torch.from_numpy(np.concatenate([acc, wsum[None]]))[None],
+                                          scale_factor=16, mode="bilinear", align_corners=False)[0].numpy()
+    _, valid = scene.read(rasterio.windows.Window(0, 0, w, h))
+    ref = np.where(valid, big[:3, :h, :w] / np.where(valid, big[3, :h, :w], 1), np.nan)
+    np.testing.assert_allclose(up, ref, rtol=1e-6, atol=1e-6, equal_nan=True)
+    # nodata exactly where the scene has no valid pixel; the coarse blend is the plain patch output
+    np.testing.assert_array_equal(np.isnan(up[0]), ~valid)
+    np.testing.assert_allclose(coarse, np.where(wsum > 0, acc / np.where(wsum > 0, wsum, 1), np.nan), rtol=1e-6,
+                               equal_nan=True)
+    # chunks change nothing, bit for bit (the same sums in the same order) ...
+    for chunks in (64, 200, 1000):
+        np.testing.assert_array_equal(run(chunks=chunks)[0], up, err_msg=str(chunks))
+    # ... and batches and window order nothing beyond the model's own batch-size rounding (1e-5)
+    for kw in (dict(chunks=200, batch_size=1), dict(batch_size=7), dict(tiles=list(reversed(tiles)))):
+        np.testing.assert_allclose(run(**kw)[0], up, atol=1e-5, equal_nan=True, err_msg=str(kw))

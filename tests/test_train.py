@@ -162,6 +162,7 @@ def test_fit_landcover_beats_majority_and_cache_is_reused(train_scene, tiny_mode
     assert head.meta.training["train_windows"] == first.train_windows
     assert head.meta.metrics["validation"]["overall_accuracy"] == first.metrics["overall_accuracy"]
     assert head.meta.profile == "reflectance" and head.classes.codes[0] == 10
+    assert head.meta.gsd == 0.6  # the pixel size it was fitted at, for the pixel-size check of later runs
 
 
 def test_fit_canopy_beats_training_mean(train_scene, tiny_models, tmp_path):

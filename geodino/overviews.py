@@ -1,0 +1,169 @@
+"""Overview levels built while blocks stream, handed to GDAL's COG driver through a VRT.
+
+GDAL's COG driver builds overviews by reading the full-resolution file back and resampling
+it: measured on a 4096^2 float32 canopy raster, that is 0.66 of the conversion's 1.22 CPU
+seconds. Here each block, as it is written, is pooled 2x2 level after level into small
+GeoTIFFs (mean of the valid values for continuous data, the most frequent valid code for
+classes, as GDAL's AVERAGE and MODE do), and a VRT declares them as the overviews of the
+full-resolution file (``<Overview>`` elements). The COG driver uses a source's overviews
+when it has them (its OVERVIEWS=AUTO), so the conversion only recompresses. GDAL offers no
+way to supply overview pixels while streaming, hence this module. Levels deeper than the
+block grid allows (blocks must start on multiples of 2^k) are pooled from the last
+streamed level after streaming, which is small.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Sequence
+from xml.sax.saxutils import escape
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.windows import Window
+
+OVERVIEW_BLOCK = 512
+
+
+def levels_needed(height: int, width: int, block: int = OVERVIEW_BLOCK) -> int:
+    """How many 2x levels the COG driver makes: halve until the largest side fits one block."""
+    n, size = 0, max(height, width)
+    while size > block:
+        size = math.ceil(size / 2)
+        n += 1
+    return n
+
+
+def streamable_levels(chunks: Sequence[Sequence[int]], needed: int) -> int:
+    """Levels that can be pooled block by block: every block boundary a multiple of 2^level."""
+    bounds = [b for axis in chunks[-2:] for b in np.cumsum(axis[:-1])]
+    level = 0
+    while level < needed and all(b % 2 ** (level + 1) == 0 for b in bounds):
+        level += 1
+    return level
+
+
+def pool2(block: np.ndarray, classes: bool, nodata) -> np.ndarray:
+    """One 2x coarser level of a (band, h, w) block (odd edges padded as invalid)."""
+    c, h, w = block.shape
+    ph, pw = h + h % 2, w + w % 2
+    if (ph, pw) != (h, w):
+        pad = np.full((c, ph, pw), np.nan if not classes else nodata, block.dtype)
+        pad[:, :h, :w] = block
+        block = pad
+    a, b, cc, d = (block[:, i::2, j::2] for i in (0, 1) for j in (0, 1))
+    if not classes:
+        if not np.isnan(block).any():
+            out = a + b
+            out += cc
+            out += d
+            out *= 0.25
+            return out.astype(block.dtype, copy=False)
+        quarter = [a, b, cc, d]
+        valid = [~np.isnan(x) for x in quarter]
+        total = sum(np.where(v, x, 0).astype(np.float64) for x, v in zip(quarter, valid))
+        count = sum(v.astype(np.uint8) for v in valid)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(count > 0, total / np.maximum(count, 1), np.nan).astype(block.dtype)
+    # the most frequent valid code of the four (first in reading order on ties); nodata if none
+    quarter = [a, b, cc, d]
+    ok = [(x != nodata).view(np.uint8) for x in quarter] if nodata is not None else None
+    votes = [np.ones(a.shape, np.uint8) if ok is None else ok[i].copy() for i in range(4)]
+    for i in range(4):
+        for j in range(i + 1, 4):
+            same = (quarter[i] == quarter[j]).view(np.uint8)
+            if ok is not None:
+                same = same & ok[i] & ok[j]
+            votes[i] += same
+            votes[j] += same
+    out, top = a.copy(), votes[0]
+    for x, v in zip(quarter[1:], votes[1:]):
+        better = v > top
+        np.copyto(out, x, where=better)
+        top = np.maximum(top, v)
+    if nodata is not None:
+        out[top == 0] = nodata
+    return out
+
+
+class Pyramid:
+    """Streams overview levels of one output beside its intermediate GeoTIFF; see module doc."""
+
+    def __init__(self, base: Path, profile: dict, chunks, *, classes: bool) -> None:
+        self.base, self.classes = Path(base), classes
+        self.nodata = profile.get("nodata")
+        height, width = profile["height"], profile["width"]
+        self.levels = levels_needed(height, width)
+        self.streamed = streamable_levels(chunks, self.levels)
+        self.paths = [self.base.with_name(f"{self.base.stem}.ovr{k + 1}.tif") for k in range(self.levels)]
+        self._files = []
+        self._stack = contextlib.ExitStack()
+        for k in range(self.streamed):
+            self._files.append(self._stack.enter_context(rasterio.open(self.paths[k], "w", **self._profile(profile, k))))
+        self._profile_base = profile
+
+    @property
+    def usable(self) -> bool:
+        """Whether the levels can be made here (else GDAL computes them as before)."""
+        return self.levels == 0 or self.streamed > 0
+
+    def _profile(self, profile: dict, k: int) -> dict:
+        f = 2 ** (k + 1)
+        return dict(profile, height=math.ceil(profile["height"] / f), width=math.ceil(profile["width"] / f),
+                    transform=profile["transform"] * Affine.scale(f), blockxsize=OVERVIEW_BLOCK,
+                    blockysize=OVERVIEW_BLOCK, compress="ZSTD", ZSTD_LEVEL=1)
+
+    def write(self, block: np.ndarray, rows: slice, cols: slice) -> None:
+        """Pool a just-written full-resolution block into every streamed level."""
+        r, c = rows.start, cols.start
+        for k, dst in enumerate(self._files):
+            block = pool2(block, self.classes, self.nodata)
+            r, c = r // 2, c // 2
+            h, w = min(block.shape[1], dst.height - r), min(block.shape[2], dst.width - c)
+            dst.write(block[:, :h, :w], window=Window(c, r, w, h))
+
+    def finish(self) -> None:
+        """Close the streamed levels and pool the deeper ones from the last of them."""
+        self._stack.close()
+        if not self.usable or self.streamed == self.levels:
+            return
+        with rasterio.open(self.paths[self.streamed - 1]) as src:
+            data = src.read()
+        for k in range(self.streamed, self.levels):
+            data = pool2(data, self.classes, self.nodata)
+            profile = self._profile(self._profile_base, k)
+            data = data[:, :profile["height"], :profile["width"]]
+            with rasterio.open(self.paths[k], "w", **profile) as dst:
+                dst.write(data)
+
+    def vrt(self, source: Path, profile: dict) -> Path:
+        """A VRT of ``source`` declaring the levels as its overviews (written beside it)."""
+        path = self.base.with_name(f"{self.base.stem}.vrt")
+        dtype = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "float32": "Float32",
+                 "float64": "Float64"}[profile["dtype"]]
+        nodata = profile.get("nodata")
+        nodata_xml = "" if nodata is None else f"<NoDataValue>{'nan' if nodata != nodata else nodata}</NoDataValue>"
+        bands = []
+        for b in range(1, profile["count"] + 1):
+            overviews = "".join(
+                f'<Overview><SourceFilename relativeToVRT="0">{escape(str(p))}</SourceFilename>'
+                f"<SourceBand>{b}</SourceBand></Overview>" for p in self.paths)
+            bands.append(
+                f'<VRTRasterBand dataType="{dtype}" band="{b}">{nodata_xml}'
+                f'<SimpleSource><SourceFilename relativeToVRT="0">{escape(str(source))}</SourceFilename>'
+                f"<SourceBand>{b}</SourceBand></SimpleSource>{overviews}</VRTRasterBand>")
+        gt = ", ".join(repr(v) for v in profile["transform"].to_gdal())
+        srs = f"<SRS>{escape(profile['crs'].to_wkt())}</SRS>" if profile.get("crs") else ""
+        path.write_text(f'<VRTDataset rasterXSize="{profile["width"]}" rasterYSize="{profile["height"]}">'
+                        f"{srs}<GeoTransform>{gt}</GeoTransform>{''.join(bands)}</VRTDataset>")
+        return path
+
+    def cleanup(self) -> None:
+        self._stack.close()
+        for p in self.paths + [self.base.with_name(f"{self.base.stem}.vrt")]:
+            for leftover in (p, p.with_name(p.name + ".aux.xml")):
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()

@@ -231,3 +231,13 @@ def test_a_precision_that_misses_a_quality_bar_warns_with_its_measured_loss(monk
     with pytest.warns(precision_mod.PrecisionWarning, match="canopy MAE"):
         precision_mod.warn_if_lossy("int8")
     precision_mod.warn_if_lossy.cache_clear()
+
+
+def test_precision_changes_the_run_fingerprint_so_resume_reruns(tmp_path):
+    from geodino.fingerprint import PERFORMANCE_ONLY, fingerprint
+
+    assert "precision" not in PERFORMANCE_ONLY
+    fp32 = fingerprint(str(SAMPLE), _options(precision="fp32"), tmp_path)
+    int8 = fingerprint(str(SAMPLE), _options(precision="int8"), tmp_path)
+    assert fp32 != int8
+    assert fingerprint(str(SAMPLE), _options(precision="int8"), tmp_path) == int8

@@ -317,6 +317,11 @@ class CanopyModel:
     input_family: str = "sat"
     precision: str = "float32"  # on CUDA: chosen by measurement, see CHMV2_CUDA_PRECISION
 
+    @property
+    def config(self):
+        """The CHMv2 configuration (what batch sizing reads)."""
+        return self.model.config
+
     def restandardise(self, x: torch.Tensor) -> torch.Tensor:
         from geodino.sensor import CHMV2_STATS, FAMILY_STATS
 

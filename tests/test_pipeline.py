@@ -253,7 +253,7 @@ def test_demo_with_another_backbone_and_canopy_model(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--backbone", str(backbone), "--canopy-model", str(chm)]) == 0
     outputs = json.loads(capsys.readouterr().out)["outputs"]
-    assert set(outputs) == {"canopy_height", "embeddings"}
+    assert set(outputs) == {"canopy_height", "embeddings", "canopy_height_style", "quicklook"}
     with rasterio.open(out / "embeddings.tif") as d:
         assert d.count == 64 and d.tags()["backbone"] == f"../{backbone.name}"  # relative to the output folder
     assert (out / "quicklook.png").exists()

@@ -3,7 +3,8 @@
 ``load_backbone`` takes a released hub id (or its short name), a local Hugging Face
 directory, or an original Meta ``.pth`` checkpoint (converted to the transformers layout,
 loaded with ``weights_only=True``). The result is always in eval mode with gradients off:
-fp32 on CPU, bf16 autocast on CUDA, never fp16 (DINOv3 activations overflow in fp16).
+by default fp32 on CPU, bf16 autocast on CUDA, never fp16 (DINOv3 activations overflow in
+fp16); ``precision`` chooses bf16 or int8 instead (:mod:`geodino.precision`).
 
 Its forward returns the CLS token, the register tokens, the patch grid and chosen
 intermediate layers as grids, each passed through the final LayerNorm (transformers returns
@@ -98,14 +99,18 @@ class Backbone:
     """A frozen DINOv3 model with its metadata. Not an nn.Module on purpose: it never trains."""
 
     def __init__(self, model: torch.nn.Module, info: BackboneInfo, device: torch.device,
-                 layers: Sequence[int] | None = None) -> None:
+                 layers: Sequence[int] | None = None, precision: str | None = None) -> None:
+        from geodino.precision import autocast_dtype, resolve_precision
+
         self.model = model
         self.info = info
         self.device = device
         self.layers = tuple(layers) if layers is not None else info.layers
         if any(not 0 <= i < info.depth for i in self.layers):
             raise ModelError(f"intermediate layers {self.layers} out of range for a {info.depth}-block backbone")
-        self.autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+        self.precision = resolve_precision(precision, device)  # fp32 | bf16 | int8, recorded in outputs
+        self.precision_detail = self.precision  # int8: which library and kernels (set when quantised)
+        self.autocast_dtype = autocast_dtype(self.precision, device)
         self.model.to(device)
         self.model.eval()
         self.model.requires_grad_(False)
@@ -200,16 +205,26 @@ def pick_device(device: str | torch.device | None) -> torch.device:
 
 def load_backbone(name_or_path: str | os.PathLike, device: str | torch.device | None = "cpu",
                   dtype: torch.dtype | str | None = None, *, layers: Sequence[int] | None = None,
-                  family: str | None = None, compile: bool = False) -> Backbone:
+                  family: str | None = None, compile: bool = False, precision: str | None = None) -> Backbone:
     """Load a frozen DINOv3 backbone from a hub id, a local directory or a Meta checkpoint.
 
-    ``dtype`` may be float32 or bfloat16 (weights stay fp32; CUDA runs under bf16 autocast).
+    ``precision`` is fp32, bf16 (autocast; weights stay fp32) or int8 (CPU: linear layers
+    quantised, see :mod:`geodino.int8`); None is the device's default, fp32 on a CPU and bf16
+    on CUDA. ``dtype`` (float32 or bfloat16) is the older spelling of the same choice.
     float16 is refused. Offline first: a local directory or the Hugging Face cache is used
     without network access. ``compile``: :func:`compile_model` (feed it one batch shape).
     """
     if dtype is not None and str(dtype).replace("torch.", "") in ("float16", "half", "fp16"):
         raise ModelError("DINOv3 overflows in float16; use bfloat16 (CUDA) or float32")
+    if precision is None and dtype is not None:
+        precision = str(dtype).replace("torch.", "")
     dev = pick_device(device)
+    if precision is not None:  # a wrong precision fails before any weights are read
+        from geodino.precision import resolve_precision
+
+        resolve_precision(precision, dev)
+        if compile and resolve_precision(precision, dev) == "int8":
+            raise ModelError("--compile applies to fp32 and bf16; the int8 backbone is already a compiled graph")
     name = resolve_name(str(name_or_path))
     path = Path(name).expanduser()
     if path.exists():
@@ -229,7 +244,15 @@ def load_backbone(name_or_path: str | os.PathLike, device: str | torch.device | 
     else:
         raise ModelError(f"{name_or_path}: not a local path, and not a DINOv3 hub id or short name "
                          f"(known: {', '.join(sorted(ALIASES))})")
-    backbone = Backbone(model, info, dev, layers)
+    backbone = Backbone(model, info, dev, layers, precision=precision)
+    if backbone.precision == "int8":
+        from geodino.int8 import quantise_backbone
+
+        quantise_backbone(backbone)
+    if backbone.precision != "fp32":
+        from geodino.precision import warn_if_lossy
+
+        warn_if_lossy(backbone.precision)
     if compile:
         backbone.model = compile_model(backbone.model, info.patch_size)
     return backbone

@@ -134,6 +134,8 @@ def run(
     processes: Optional[int] = typer.Option(None, help="Worker processes with --scheduler local", show_default=_default("processes")),
     crowns: Optional[bool] = typer.Option(None, "--crowns/--no-crowns", help="Also find individual trees in the canopy map (trees.gpkg, crowns.tif)", show_default=_default("crowns")),
     quicklook: Optional[bool] = typer.Option(None, "--quicklook/--no-quicklook", help="Write quicklook.png", show_default=_default("quicklook")),
+    precision: Optional[str] = typer.Option(None, help="Backbone precision: fp32, bf16 or int8 (default fp32 on a CPU, "
+                                            "bf16 on CUDA); recorded in the outputs. See BENCHMARKS.md for speed and quality"),
     overwrite: bool = typer.Option(False, help="Recompute and replace finished outputs"),
     keep_going: bool = typer.Option(False, "--keep-going", help="Run the other scenes when one fails; "
                                     "print a summary table and exit non-zero if any failed"),
@@ -150,7 +152,7 @@ def run(
                      batch_size=batch_size, device=device, embeddings=embeddings, probabilities=probabilities,
                      scheduler=scheduler, compile=compile, target_gsd=target_gsd, polygons=polygons,
                      min_polygon_area=min_polygon_area, chunks=chunks, workers=workers, processes=processes,
-                     crowns=crowns, quicklook=quicklook)
+                     crowns=crowns, quicklook=quicklook, precision=precision)
     for key, value in overrides.items():
         if value is not None:
             setattr(options, key, value)
@@ -355,6 +357,7 @@ def demo(
                                            "or a local copy): then embeddings, plus a canopy model if given"),
     canopy_model: Optional[str] = typer.Option(None, help="CHMv2 canopy model (e.g. facebook/dinov3-vitl16-chmv2-dpt-head)"),
     device: str = typer.Option("cpu", help="cpu, cuda or auto"),
+    precision: Optional[str] = typer.Option(None, help="Backbone precision: fp32, bf16 or int8 (default: the device's)"),
     overwrite: bool = typer.Option(True, "--overwrite/--no-overwrite", help="Replace earlier demo outputs"),
 ) -> None:
     """The full pipeline on the bundled sample scene with the bundled demo model, plus a PNG quicklook."""
@@ -365,6 +368,7 @@ def demo(
     samples = _data_samples()
     options = load_pipeline(samples.parent / "pipelines" / "demo.yaml")
     options.device = device
+    options.precision = precision
     options.quicklook = True
     if backbone:
         # the bundled heads belong to the bundled tiny backbone: another backbone gets embeddings

@@ -45,6 +45,7 @@ class RunOptions:
     layers: list | None = None  # backbone blocks the heads read (default: the backbone's usual four)
     crowns: bool = False  # individual trees (trees.gpkg, crowns.tif) from the canopy raster
     quicklook: bool = True  # write quicklook.png (scene, canopy height, land cover) beside the outputs
+    precision: str | None = None  # fp32 | bf16 | int8; None: the device's default (fp32 CPU, bf16 CUDA); changes outputs
 
     @classmethod
     def from_mapping(cls, data: dict, source: str = "config") -> "RunOptions":
@@ -71,6 +72,12 @@ class RunOptions:
         if self.embeddings_dtype == "float16" and not _float16_supported():
             raise ConfigError(f"embeddings_dtype float16 needs rasterio >= 1.5 (this is {rasterio.__version__}); "
                               "use float32")
+        if self.precision is not None:
+            from geodino.precision import check_precision_name
+
+            if check_precision_name(self.precision) == "int8" and self.canopy_model:
+                raise ConfigError("precision int8 quantises geodino's backbone; Meta's canopy model (canopy_model) "
+                                  "has its own backbone and is not quantised: use fp32 or bf16 with it")
         if self.compress.upper() not in ("DEFLATE", "ZSTD", "LZW"):
             raise ConfigError("compress must be DEFLATE, ZSTD or LZW")
         if self.crowns and not (self.canopy_head or self.canopy_model):

@@ -77,7 +77,8 @@ def build_run(scene_paths, options: RunOptions, progress=None, grid=None) -> Sce
     bundle = ModelBundle(backbone=options.backbone, device=options.device, canopy_head=options.canopy_head,
                          landcover_head=options.landcover_head, canopy_model=options.canopy_model,
                          embeddings=options.embeddings, compile=options.compile,
-                         layers=tuple(options.layers) if options.layers else None)
+                         layers=tuple(options.layers) if options.layers else None,
+                         precision=options.precision)
     profile = options.profile or _profile_of(bundle) or "auto"
     scene, norm = prepare(scene, profile, bundle.family_name, options.bands)
     require_valid_pixels(scene)
@@ -119,7 +120,8 @@ def build_run(scene_paths, options: RunOptions, progress=None, grid=None) -> Sce
     ds = xr.Dataset(variables)
     ds = ds.rio.write_crs(scene.grid.crs)
     ds.attrs.update(scene=scene.name, backbone=options.backbone, profile=norm.profile, window=spec.size,
-                    overlap=spec.overlap, geodino_version=geodino.__version__)
+                    overlap=spec.overlap, geodino_version=geodino.__version__,
+                    precision=bundle.load()[0].precision)
     # what geodino.plot needs to draw the scene as the model saw it
     ds.attrs.update(scene_paths=json.dumps(list(scene.paths)), scene_bands=list(scene.bands),
                     normalisation=json.dumps(norm.to_dict()))
@@ -182,6 +184,8 @@ def _provenance(run: SceneRun, out: Path) -> dict:
 def _model_tags(run: SceneRun) -> dict:
     """What a reader of the file must know about the models: demo or real, CHMv2's own input."""
     tags = {"demo_model": "true" if is_demo_model(run.options.backbone) else "false"}
+    backbone = run.bundle.load()[0]
+    tags.update(precision=backbone.precision, precision_detail=backbone.precision_detail)
     chm = run.bundle.load()[2]
     if chm is not None:
         from geodino.sensor import CHMV2_STATS

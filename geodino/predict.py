@@ -55,6 +55,7 @@ class ModelBundle:
     compile: bool = False
     family: str | None = None
     layers: tuple[int, ...] | None = None
+    precision: str | None = None  # fp32 | bf16 | int8; None: the device default
     # windows per model call (set by the pipeline); not part of the token: same models
     batch_size: int | None = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -90,7 +91,7 @@ class ModelBundle:
 
             chm_model = load_chmv2(self.canopy_model, pick_device(self.device))
         backbone = load_backbone(self.backbone, self.device, layers=self.layers, family=self.family,
-                                 compile=self.compile)
+                                 compile=self.compile, precision=self.precision)
         heads = {}
         for task, path in (("canopy", self.canopy_head), ("landcover", self.landcover_head)):
             if path:
@@ -165,9 +166,10 @@ class ModelBundle:
 
 
 def _autocast(backbone):
-    """The heads' autocast: the backbone's dtype choice (bf16 on CUDA, none on CPU)."""
-    dtype = backbone.autocast_dtype
-    return torch.autocast(backbone.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    """The heads' autocast: bf16 on CUDA at bf16, else none (heads stay fp32 on a CPU and at int8)."""
+    from geodino.precision import head_autocast
+
+    return head_autocast(backbone)
 
 
 def _forward(models, x: torch.Tensor, want) -> dict[str, torch.Tensor]:

@@ -47,6 +47,9 @@ def make_report(run: SceneRun, out: Path, elapsed: float, outputs: dict, stats: 
         "sensor_profile": run.normalisation.profile, "normalisation": run.normalisation.to_dict(),
         "window": o.window, "overlap": o.overlap, "target_gsd": o.target_gsd, "outputs": outputs,
     }
+    backbone = run.bundle.load()[0]
+    report["precision"] = backbone.precision
+    report["precision_detail"] = backbone.precision_detail
     if "landcover_polygons" in outputs:
         report["min_polygon_area_m2"] = o.min_polygon_area
     valid = None

@@ -214,71 +214,143 @@ def to_cog(src_path: Path, dst_path: Path, *, resampling: str, compress: str = "
              NUM_THREADS=str(threads), **options)
 
 
+# Pixels that :class:`geodino.tilerows.TileRows` may hold for one output (full resolution and
+# its overview levels) before the output is staged instead: 16384 px wide float32 holds ~130 MB.
+DIRECT_BUFFER_LIMIT = 160 * 2**20
+
+
+def _codec_options(compress: str, is_float: bool) -> dict | None:
+    """GTiff creation options that encode tiles as the COG driver would (None: not offered)."""
+    compress = compress.upper()
+    level = _LEVELS.get((compress, is_float))
+    options = dict(compress=compress, predictor=3 if is_float else 1)
+    if compress == "DEFLATE":
+        options["ZLEVEL"] = level
+    elif compress == "ZSTD":
+        options["ZSTD_LEVEL"] = level
+    elif compress not in ("LZW", "NONE"):
+        return None
+    return options
+
+
+def _writes_direct(out: RasterOutput, compress: str) -> bool:
+    """Whether an output's tiles can be written once, in their final codec and size, and moved
+    into the COG as they are (else: a fast intermediate file that GDAL's COG driver re-encodes)."""
+    from geodino.tilerows import TileRows
+
+    count, _, width = out.data.shape
+    if _codec_options(compress, out.dtype.startswith("float")) is None:
+        return False
+    # full resolution plus overview levels (half as wide each): at most twice the former
+    return 2 * TileRows.buffer_bytes(count, width, out.dtype, COG_BLOCK) <= DIRECT_BUFFER_LIMIT
+
+
 def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compress: str = "DEFLATE",
                   intermediate_compress: str = "ZSTD") -> list[Path]:
     """Compute the lazy outputs together (each window inferred once) and export each as a COG.
 
     Blocks stream, row of blocks by row of blocks (:func:`geodino.stream.stream_blocks`), into
-    a tiled GeoTIFF beside each target (compressed fast: it is read once), and into overview
-    levels pooled on the way (:class:`geodino.overviews.Pyramid`). Each file is then converted
-    to a COG, the outputs side by side on threads (GDAL releases the GIL), and renamed into
-    place when all are done. Any failure or interrupt leaves nothing at the final paths.
+    overview levels pooled on the way (:class:`geodino.overviews.Pyramid`) and into a tiled
+    GeoTIFF beside each target. Where the rows of tiles fit in memory (every raster output of
+    a run but multi-band embeddings of very wide scenes), that file already has the COG's
+    512 tiles and codec, written a whole row of tiles at a time, and the COG is assembled by
+    moving its tiles (:func:`geodino.cog.assemble_cog`): each tile is encoded once. Otherwise
+    the file is a fast intermediate that GDAL's COG driver re-encodes. Outputs are finished
+    side by side on threads and renamed into place when all are done. Any failure or
+    interrupt leaves nothing at the final paths.
     """
-    import os
     from concurrent.futures import ThreadPoolExecutor
 
     from geodino.overviews import Pyramid
     from geodino.stream import stream_blocks
+    from geodino.tilerows import TileRows
 
     check_writable([o.path for o in outputs], overwrite)
+    threads = max(1, (os.cpu_count() or 1) // max(1, len(outputs)))
     with contextlib.ExitStack() as stack:
-        staged, datasets, pyramids, profiles = [], [], [], []
+        staged, pyramids, direct = [], [], []
         for out in outputs:
             final_tmp = stack.enter_context(atomic_path(out.path))
             stream_tmp = stack.enter_context(_removed_after(partial_path(out.path)))
             staged.append((out, stream_tmp, final_tmp))
         with contextlib.ExitStack() as open_files:
+            writers = []
             for out, stream_tmp, _ in staged:
-                profile = out.creation_profile(intermediate_compress, stream_tile_size(out.data.chunks))
-                if intermediate_compress.upper() == "ZSTD":
-                    profile.update(ZSTD_LEVEL=1)
-                profiles.append(profile)
+                is_float = out.dtype.startswith("float")
+                if _writes_direct(out, compress):
+                    direct.append(True)
+                    codec = _codec_options(compress, is_float)
+                    profile = out.creation_profile(compress, COG_BLOCK) | codec | dict(NUM_THREADS=str(threads))
+                    level_codec = codec
+                else:
+                    direct.append(False)
+                    profile = out.creation_profile(intermediate_compress, stream_tile_size(out.data.chunks))
+                    if intermediate_compress.upper() == "ZSTD":
+                        profile.update(ZSTD_LEVEL=1)
+                    level_codec = dict(compress="ZSTD", ZSTD_LEVEL=1)
                 dst = open_files.enter_context(rasterio.open(stream_tmp, "w", **profile))
                 _describe(dst, out)
-                datasets.append(dst)
-                pyramid = Pyramid(stream_tmp, profile, out.data.chunks, classes=out.classes is not None)
+                writers.append(TileRows(dst, COG_BLOCK) if direct[-1] else _Plain(dst))
+                pyramid = Pyramid(stream_tmp, profile, out.data.chunks, classes=out.classes is not None,
+                                  codec=level_codec)
                 stack.callback(pyramid.cleanup)
-                pyramids.append(pyramid if pyramid.usable else None)
+                if not pyramid.usable:
+                    direct[-1] = False  # GDAL makes the overviews from the file: it re-encodes anyway
+                pyramids.append((pyramid if pyramid.usable else None, profile))
             sources = [o.data.data.astype(o.dtype) if o.data.dtype != o.dtype else o.data.data for o in outputs]
             for index, (rows, cols), block in stream_blocks(sources):
-                window = Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
                 with stage("write"):
-                    datasets[index].write(block, window=window)
+                    writers[index].write(block, rows, cols)
                 with stage("overviews"):
-                    if pyramids[index] is not None:
-                        pyramids[index].write(block, rows, cols)
+                    if pyramids[index][0] is not None:
+                        pyramids[index][0].write(block, rows, cols)
                 for observe in outputs[index].observers:
                     observe(block)
-        # the conversions run side by side; GDAL's compression threads share the cores
-        threads = max(1, (os.cpu_count() or 1) // len(staged)) if staged else 1
+            for writer in writers:
+                writer.close()
 
-        def convert(item, pyramid, profile) -> None:
+        def convert(item, pyramid_profile, moved: bool) -> None:
+            from geodino.cog import LayoutError, assemble_cog
+
             out, stream_tmp, final_tmp = item
-            source = stream_tmp
+            pyramid, profile = pyramid_profile
             if pyramid is not None:
                 pyramid.finish()
-                source = pyramid.vrt(stream_tmp, profile)
-                with rasterio.open(source, "r+") as vrt:
-                    _describe(vrt, out)
             with stage("cog"):
-                to_cog(source, final_tmp, resampling=out.overview_resampling, compress=compress, threads=threads)
+                if moved:
+                    try:
+                        assemble_cog(stream_tmp, pyramid.paths if pyramid is not None else [], final_tmp)
+                        moved = True
+                    except LayoutError:
+                        moved = False
+                if not moved:
+                    source = stream_tmp
+                    if pyramid is not None:
+                        source = pyramid.vrt(stream_tmp, profile)
+                        with rasterio.open(source, "r+") as vrt:
+                            _describe(vrt, out)
+                    to_cog(source, final_tmp, resampling=out.overview_resampling, compress=compress, threads=threads)
             if out.after is not None:
                 out.after(final_tmp)
 
         with ThreadPoolExecutor(max(1, len(staged)), thread_name_prefix="geodino-cog") as pool:
-            for done in [pool.submit(convert, *args) for args in zip(staged, pyramids, profiles)]:
+            jobs = [pool.submit(convert, *args) for args in zip(staged, pyramids, direct)]
+            for done in jobs:
                 done.result()
     return [o.path for o in outputs]
+
+
+class _Plain:
+    """Blocks straight to a dataset whose tiles divide the block grid (the staged path)."""
+
+    def __init__(self, dst) -> None:
+        self.dst = dst
+
+    def write(self, block, rows: slice, cols: slice) -> None:
+        self.dst.write(block, window=Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start))
+
+    def close(self) -> None:
+        pass
 
 
 @contextlib.contextmanager

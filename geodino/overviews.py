@@ -1,15 +1,17 @@
-"""Overview levels built while blocks stream, handed to GDAL's COG driver through a VRT.
+"""Overview levels built while blocks stream.
 
-GDAL's COG driver builds overviews by reading the full-resolution file back and resampling
-it: measured on a 4096^2 float32 canopy raster, that is 0.66 of the conversion's 1.22 CPU
-seconds. Here each block, as it is written, is pooled 2x2 level after level into small
-GeoTIFFs (mean of the valid values for continuous data, the most frequent valid code for
-classes, as GDAL's AVERAGE and MODE do), and a VRT declares them as the overviews of the
-full-resolution file (``<Overview>`` elements). The COG driver uses a source's overviews
-when it has them (its OVERVIEWS=AUTO), so the conversion only recompresses. GDAL offers no
-way to supply overview pixels while streaming, hence this module. Levels deeper than the
-block grid allows (blocks must start on multiples of 2^k) are pooled from the last
-streamed level after streaming, which is small.
+GDAL builds overviews by reading the full resolution back and resampling it: measured on a
+4096^2 float32 canopy raster, that is 0.66 of a COG conversion's 1.22 CPU seconds. Here each
+block, as it is written, is pooled 2x2 level after level into tiled GeoTIFFs of their own
+(mean of the valid values for continuous data, the most frequent valid code for classes, as
+GDAL's AVERAGE and MODE do), each written a whole row of tiles at a time
+(:class:`geodino.tilerows.TileRows`). The levels then become the COG's internal overviews,
+either with their tiles copied as they are (:func:`geodino.cog.assemble_cog`, when they are
+written with the COG's own codec) or through a VRT that declares them as overviews
+(``<Overview>`` elements) for GDAL's COG driver. GDAL offers no way to supply overview pixels
+while streaming, hence this module. Levels deeper than the block grid allows (blocks must
+start on multiples of 2^k) are pooled from the last streamed level after streaming, which is
+small.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from xml.sax.saxutils import escape
 import numpy as np
 import rasterio
 from affine import Affine
-from rasterio.windows import Window
 
 OVERVIEW_BLOCK = 512
 
@@ -92,8 +93,12 @@ def pool2(block: np.ndarray, classes: bool, nodata) -> np.ndarray:
 class Pyramid:
     """Streams overview levels of one output beside its intermediate GeoTIFF; see module doc."""
 
-    def __init__(self, base: Path, profile: dict, chunks, *, classes: bool) -> None:
+    def __init__(self, base: Path, profile: dict, chunks, *, classes: bool, codec: dict | None = None) -> None:
+        """``codec``: creation options of the level files (default: the base profile's own)."""
+        from geodino.tilerows import TileRows
+
         self.base, self.classes = Path(base), classes
+        self.codec = dict(codec or {})
         self.nodata = profile.get("nodata")
         height, width = profile["height"], profile["width"]
         self.levels = levels_needed(height, width)
@@ -102,7 +107,8 @@ class Pyramid:
         self._files = []
         self._stack = contextlib.ExitStack()
         for k in range(self.streamed):
-            self._files.append(self._stack.enter_context(rasterio.open(self.paths[k], "w", **self._profile(profile, k))))
+            dst = self._stack.enter_context(rasterio.open(self.paths[k], "w", **self._profile(profile, k)))
+            self._files.append(TileRows(dst, OVERVIEW_BLOCK))
         self._profile_base = profile
 
     @property
@@ -114,19 +120,22 @@ class Pyramid:
         f = 2 ** (k + 1)
         return dict(profile, height=math.ceil(profile["height"] / f), width=math.ceil(profile["width"] / f),
                     transform=profile["transform"] * Affine.scale(f), blockxsize=OVERVIEW_BLOCK,
-                    blockysize=OVERVIEW_BLOCK, compress="ZSTD", ZSTD_LEVEL=1)
+                    blockysize=OVERVIEW_BLOCK, **self.codec)
 
     def write(self, block: np.ndarray, rows: slice, cols: slice) -> None:
         """Pool a just-written full-resolution block into every streamed level."""
         r, c = rows.start, cols.start
-        for k, dst in enumerate(self._files):
+        for k, rows_of_tiles in enumerate(self._files):
             block = pool2(block, self.classes, self.nodata)
             r, c = r // 2, c // 2
-            h, w = min(block.shape[1], dst.height - r), min(block.shape[2], dst.width - c)
-            dst.write(block[:, :h, :w], window=Window(c, r, w, h))
+            _, height, width = rows_of_tiles.shape
+            h, w = min(block.shape[1], height - r), min(block.shape[2], width - c)
+            rows_of_tiles.write(block[:, :h, :w], slice(r, r + h), slice(c, c + w))
 
     def finish(self) -> None:
         """Close the streamed levels and pool the deeper ones from the last of them."""
+        for rows_of_tiles in self._files:
+            rows_of_tiles.close()
         self._stack.close()
         if not self.usable or self.streamed == self.levels:
             return

@@ -298,14 +298,16 @@ def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compr
                     direct[-1] = False  # GDAL makes the overviews from the file: it re-encodes anyway
                 pyramids.append((pyramid if pyramid.usable else None, profile))
             sources = [o.data.data.astype(o.dtype) if o.data.dtype != o.dtype else o.data.data for o in outputs]
-            for index, (rows, cols), block in stream_blocks(sources):
-                with stage("write"):
-                    writers[index].write(block, rows, cols)
-                with stage("overviews"):
-                    if pyramids[index][0] is not None:
-                        pyramids[index][0].write(block, rows, cols)
-                for observe in outputs[index].observers:
-                    observe(block)
+            sinks = [_Sink(_block_steps(w, p, o.observers), name=o.path.stem)
+                     for w, (p, _), o in zip(writers, pyramids, outputs)]
+            try:
+                for index, (rows, cols), block in stream_blocks(sources):
+                    sinks[index].put(block, rows, cols)
+                for sink in sinks:
+                    sink.close()
+            finally:
+                for sink in sinks:
+                    sink.abort()
             for writer in writers:
                 writer.close()
 
@@ -338,6 +340,79 @@ def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compr
             for done in jobs:
                 done.result()
     return [o.path for o in outputs]
+
+
+def _block_steps(writer, pyramid, observers) -> list:
+    """What happens to each block of one output, in order: file, overview levels, observers."""
+    def write(block, rows, cols):
+        with stage("write"):
+            writer.write(block, rows, cols)
+
+    def pool(block, rows, cols):
+        with stage("overviews"):
+            pyramid.write(block, rows, cols)
+
+    steps = [write] + ([pool] if pyramid is not None else [])
+    return steps + [lambda block, rows, cols, observe=observe: observe(block) for observe in observers]
+
+
+class _Sink:
+    """One output's blocks handled on a thread of its own, fed through a short queue.
+
+    The outputs' writers then run side by side and beside the next wave's computation, where
+    one consumer thread used to write every output in turn while the workers waited on it
+    (GDAL's encoding and numpy's pooling release the GIL). The queue holds a few blocks, so
+    memory stays bounded; an error on the thread is raised to the caller at its next block.
+    """
+
+    def __init__(self, steps: list, name: str, depth: int = 4) -> None:
+        import queue
+        import threading
+
+        self.steps, self.error = steps, None
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name=f"geodino-write-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    for step in self.steps:
+                        step(*item)
+                except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                    self.error = e
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def put(self, block, rows: slice, cols: slice) -> None:
+        self._raise()
+        self._queue.put((block, rows, cols))
+
+    def close(self) -> None:
+        """Wait until every block is handled; raise what went wrong on the thread."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
+
+    def abort(self) -> None:
+        """Stop the thread without handling what is queued (after an error or an interrupt)."""
+        if not self._thread.is_alive():
+            return
+        self.error = self.error or RuntimeError("stopped")
+        while True:
+            try:
+                self._queue.get_nowait()
+            except Exception:  # noqa: BLE001 - queue.Empty
+                break
+        self._queue.put(None)
+        self._thread.join()
 
 
 class _Plain:

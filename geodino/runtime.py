@@ -50,7 +50,9 @@ def gdal_settings() -> Iterator[None]:
         workers_env["distributed.nanny.pre-spawn-environ.GDAL_CACHEMAX"] = str(GDAL_CACHE_MB)
         if "MALLOC_ARENA_MAX" not in os.environ:
             workers_env["distributed.nanny.pre-spawn-environ.MALLOC_ARENA_MAX"] = "1"
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), dask.config.set(workers_env):
+    # bytes: rasterio hands an integer to GDALSetCacheMax64 as it is, so 16 would be 16 bytes,
+    # no block cache at all (every tile decoded again for each window and row that reads it)
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), dask.config.set(workers_env):
         yield
 
 

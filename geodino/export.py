@@ -9,7 +9,6 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import rasterio
 from rasterio.windows import Window
 
@@ -50,72 +49,10 @@ def check_writable(paths, overwrite: bool) -> None:
 
 def polygonize(raster: str | os.PathLike, out: str | os.PathLike, classes: ClassTable, *,
                min_area: float = 0.0, overwrite: bool = False, strip_rows: int = 2048) -> Path:
-    """Vectorise a class raster into a GeoPackage of polygons with class code, name and area (m²).
+    """Vectorise a class raster into a GeoPackage of polygons (see :func:`geodino.vectorize.polygonize`)."""
+    from geodino.vectorize import polygonize
 
-    The raster is read in strips of rows; pieces cut by a strip border are merged with their
-    neighbours of the same class, so each connected region becomes one polygon.
-    """
-    import geopandas as gpd
-    import pandas as pd
-    from rasterio.features import shapes
-
-    out = Path(out)
-    check_writable([out], overwrite)
-    codes, geoms, on_border = [], [], []
-    with rasterio.open(raster) as src:
-        nodata = src.nodata if src.nodata is not None else classes.nodata
-        crs = src.crs
-        for row in range(0, src.height, strip_rows):
-            h = min(strip_rows, src.height - row)
-            win = Window(0, row, src.width, h)
-            data = src.read(1, window=win)
-            valid = data != nodata
-            for geom, value in shapes(data, mask=valid, connectivity=4,
-                                      transform=src.window_transform(win)):
-                g = _polygon(geom)
-                codes.append(int(value))
-                geoms.append(g)
-                # rows just inside a strip border, on either side, may continue next door
-                top = row > 0 and _touches_row(g, src.transform, row)
-                bottom = row + h < src.height and _touches_row(g, src.transform, row + h)
-                on_border.append(top or bottom)
-    gdf = gpd.GeoDataFrame({"class_code": codes, "border": on_border}, geometry=geoms, crs=crs)
-    inner = gdf[~gdf["border"]]
-    cut = gdf[gdf["border"]]
-    if len(cut):
-        merged = cut.dissolve(by="class_code").explode(index_parts=False).reset_index()
-        gdf = gpd.GeoDataFrame(
-            pd.concat([inner[["class_code", "geometry"]], merged[["class_code", "geometry"]]], ignore_index=True),
-            crs=crs)
-    else:
-        gdf = inner[["class_code", "geometry"]]
-    gdf = gdf.reset_index(drop=True)
-    names = {c.code: c.name for c in classes.classes}
-    gdf["class_name"] = [names.get(int(c), f"class {c}") for c in gdf["class_code"]]
-    area_crs = gdf.crs if gdf.crs is not None and gdf.crs.is_projected else gdf.estimate_utm_crs()
-    gdf["area_m2"] = gdf.to_crs(area_crs).area if area_crs != gdf.crs else gdf.area
-    if min_area > 0:
-        gdf = gdf[gdf["area_m2"] >= min_area]
-    gdf = gdf[["class_code", "class_name", "area_m2", "geometry"]].sort_values(
-        ["class_code", "area_m2"], ascending=[True, False]).reset_index(drop=True)
-    with atomic_path(out) as tmp:
-        gdf.to_file(tmp, driver="GPKG", layer="landcover")
-    return out
-
-
-def _polygon(geojson: dict):
-    """A shapely polygon from a GeoJSON polygon mapping (rings as arrays: 2x faster than shape())."""
-    import shapely
-
-    rings = [np.asarray(ring, dtype=np.float64) for ring in geojson["coordinates"]]
-    return shapely.Polygon(rings[0], rings[1:])
-
-
-def _touches_row(geom, transform, row: int) -> bool:
-    """Whether a polygon's boundary reaches the horizontal pixel edge at ``row``."""
-    y = transform.f + transform.e * row
-    minx, miny, maxx, maxy = geom.bounds
-    return min(miny, maxy) - 1e-9 <= y <= max(miny, maxy) + 1e-9
+    return polygonize(raster, out, classes, min_area=min_area, overwrite=overwrite, strip_rows=strip_rows)
 
 
 # --------------------------------------------------------------------------------------

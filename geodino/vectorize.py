@@ -144,6 +144,7 @@ _SIGNATURES = {  # name: (restype, argtypes); handles are opaque pointers
     "OGR_G_ExportToWkb": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p]),
     "CPLGetLastErrorMsg": (ctypes.c_char_p, []),
     "GDALGetCacheMax64": (ctypes.c_int64, []),
+    "GDALSetCacheMax64": (None, [ctypes.c_int64]),
 }
 
 
@@ -188,14 +189,9 @@ def _trace_with_gdal(src, nodata) -> tuple[np.ndarray, np.ndarray] | None:
     lib = gdal_library()
     if lib is None or src.dtypes[0] not in EXACT_DTYPES:
         return None
-    # the polygoniser reads one row at a time: a whole row of blocks must stay in GDAL's block
-    # cache, or each block is decoded again for every one of its rows (geodino's runs keep
-    # the cache at 16 MB: a row of 512² uint8 tiles 32768 pixels wide). Twice that, as other
-    # threads use the cache too; raised for this call only.
     bh, bw = src.block_shapes[0]
-    row_bytes = -(-src.width // bw) * bw * bh * np.dtype(src.dtypes[0]).itemsize
-    cache = {"GDAL_CACHEMAX": str(2 * row_bytes)} if 2 * row_bytes > lib.GDALGetCacheMax64() else {}
-    with rasterio.Env(**cache), contextlib.ExitStack() as stack:
+    row_of_blocks = -(-src.width // bw) * bw * bh * np.dtype(src.dtypes[0]).itemsize
+    with rasterio.Env(), _block_cache_at_least(lib, 2 * row_of_blocks), contextlib.ExitStack() as stack:
         drv = _vector_memory_driver(lib)
         ds = lib.GDALOpenEx(os.fsencode(src.name), GDAL_OF_RASTER | GDAL_OF_VERBOSE_ERROR, None, None, None)
         if not drv or not ds:
@@ -218,6 +214,29 @@ def _trace_with_gdal(src, nodata) -> tuple[np.ndarray, np.ndarray] | None:
                 f"{src.name}: GDAL could not polygonise it: {(lib.CPLGetLastErrorMsg() or b'').decode()}")
         codes, wkbs = _features(lib, layer, nodata)
     return np.asarray(codes, np.int64), shapely.from_wkb(np.asarray(wkbs, dtype=object))
+
+
+@contextlib.contextmanager
+def _block_cache_at_least(lib, nbytes: int):
+    """GDAL's block cache raised to ``nbytes`` for the duration of the block, if it is smaller.
+
+    The polygoniser reads one row at a time: a whole row of blocks must stay in the cache, or
+    each block is decoded again for every one of its rows. Twice a row is asked for, as other
+    threads (the pipeline's COG conversions) use the cache meanwhile. GDAL's cache size is one
+    for the process; the earlier size comes back after, unless someone changed it meanwhile.
+    Set with ``GDALSetCacheMax64`` (bytes), not the GDAL_CACHEMAX option, whose unit depends on
+    who reads it (GDAL reads "16" as MB, ``rasterio.Env(GDAL_CACHEMAX=16)`` sets 16 bytes).
+    """
+    before = lib.GDALGetCacheMax64()
+    if nbytes <= before:
+        yield
+        return
+    lib.GDALSetCacheMax64(nbytes)
+    try:
+        yield
+    finally:
+        if lib.GDALGetCacheMax64() == nbytes:
+            lib.GDALSetCacheMax64(before)
 
 
 def _features(lib, layer, nodata) -> tuple[list[int], list[bytes]]:
@@ -270,6 +289,8 @@ def _trace_with_shapes(src, nodata, strip_rows: int) -> tuple[np.ndarray, np.nda
             geoms.append(g)
             # a region that reaches a strip border (not the raster's) may go on next door
             on_border.append((row > 0 and top == row) or (row + h < src.height and bottom == row + h))
+    if not geoms:
+        return np.zeros(0, np.int64), np.empty(0, dtype=object)
     pieces = pd.DataFrame({"class_code": np.asarray(codes, np.int64), "border": on_border})
     pieces["geometry"] = np.asarray(geoms, dtype=object)
     inner, cut = pieces[~pieces["border"]], pieces[pieces["border"]]

@@ -7,8 +7,8 @@
 - :func:`canopy_summary`, :func:`embedding_summary`: figures for the report.
 
 Rasters are read in strips of rows (memory bounded by the scene's width). Regions are
-labelled with ``skimage.measure.label`` and traced with ``rasterio.features.shapes`` on the
-same 4-connectivity; pieces cut by a strip border are merged with their neighbours of the
+labelled with ``skimage.measure.label`` and traced by GDAL's polygoniser
+(:func:`geodino.vectorize.trace_array`) on the same 4-connectivity; pieces cut by a strip border are merged with their neighbours of the
 same kind (dissolve, then explode) and their pixel statistics summed, so a region crossing
 strips becomes one polygon with exact statistics.
 """
@@ -54,10 +54,10 @@ def _pieces(labels: np.ndarray, values: np.ndarray | None, row0: int, first_row:
     two strips share are exactly equal and their pieces union into one polygon (in map
     coordinates, each strip's own transform rounds the shared edge differently).
     """
-    import shapely
     from affine import Affine
-    from rasterio.features import shapes
     from skimage.measure import label as connected
+
+    from geodino.vectorize import trace_array
 
     ids = connected(labels, background=0, connectivity=1).astype(np.int32)
     count = int(ids.max())
@@ -81,9 +81,8 @@ def _pieces(labels: np.ndarray, values: np.ndarray | None, row0: int, first_row:
         np.maximum.at(hi, idx[finite], v[finite])
     out = []
     height = labels.shape[0]
-    for geom, value in shapes(ids, mask=ids > 0, connectivity=4, transform=Affine.translation(0, row0)):
-        i = int(value)
-        g = shapely.geometry.shape(geom)
+    for i, g in zip(*trace_array(ids, ids > 0, Affine.translation(0, row0))):
+        i = int(i)
         _, top, _, bottom = g.bounds
         border = (not first_row and top == row0) or (not last_row and bottom == row0 + height)
         if values is not None and nv[i] > 0:

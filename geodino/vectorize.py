@@ -5,8 +5,8 @@ regions are traced by GDAL's polygoniser, reached in one of two ways:
 
 - **GDAL's C ``GDALPolygonize``, through ctypes** (the fast path). rasterio exposes the
   polygoniser only as ``rasterio.features.shapes``, which needs the class array in memory and
-  turns every polygon into a GeoJSON dict of Python tuples (about 1 µs per vertex: most of
-  the cost for a scene's millions of vertices). The C function reads the raster row by row
+  turns every polygon into a GeoJSON dict of Python tuples (about 1 µs per vertex: for a
+  scene's millions of vertices, more than GDAL's tracing itself). The C function reads the raster row by row
   itself (memory grows with the width and the number of polygons, not with the area), so it
   runs once over the whole raster: no strips, no merging of pieces cut at strip borders. Its
   polygons go into an in-memory OGR layer and come back as WKB, which ``shapely.from_wkb``
@@ -19,8 +19,11 @@ regions are traced by GDAL's polygoniser, reached in one of two ways:
 - **``rasterio.features.shapes`` in strips of rows** (the reference path), when that library
   cannot be reached (e.g. Windows, where a module's handle does not resolve symbols of the
   libraries it links) or the raster is not of an integer type the C polygoniser takes
-  exactly. Pieces that a strip border cuts are merged (dissolve) with their neighbours of the
-  same class, so both paths give the same polygons.
+  exactly. Pieces that a strip border cuts are merged with their neighbours of the same
+  class, so both paths give the same polygons.
+
+:func:`trace_array` does the same for a label array in memory (tree crowns, change regions):
+what ``rasterio.features.shapes`` gives, as shapely polygons, without the GeoJSON in between.
 """
 
 from __future__ import annotations
@@ -117,6 +120,7 @@ def _top_left(geoms) -> tuple[np.ndarray, np.ndarray]:
 
 GDAL_OF_RASTER, GDAL_OF_VERBOSE_ERROR = 0x02, 0x40
 OFT_INTEGER, WKB_POLYGON, WKB_NDR = 0, 3, 1
+GDT_UNKNOWN, GDT_BYTE, GDT_INT32, GF_WRITE = 0, 1, 5, 1
 
 _SIGNATURES = {  # name: (restype, argtypes); handles are opaque pointers
     "GDALVersionInfo": (ctypes.c_char_p, [ctypes.c_char_p]),
@@ -143,6 +147,10 @@ _SIGNATURES = {  # name: (restype, argtypes); handles are opaque pointers
     "OGR_G_WkbSize": (ctypes.c_int, [ctypes.c_void_p]),
     "OGR_G_ExportToWkb": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p]),
     "CPLGetLastErrorMsg": (ctypes.c_char_p, []),
+    "GDALSetGeoTransform": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_double)]),
+    "GDALRasterIO": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                    ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                    ctypes.c_int, ctypes.c_int]),
     "GDALGetCacheMax64": (ctypes.c_int64, []),
     "GDALSetCacheMax64": (None, [ctypes.c_int64]),
 }
@@ -184,36 +192,88 @@ def _vector_memory_driver(lib) -> int | None:
 
 def _trace_with_gdal(src, nodata) -> tuple[np.ndarray, np.ndarray] | None:
     """(class codes, polygons) of ``src``'s band 1 by GDAL's C polygoniser; None where it cannot run."""
-    import shapely
-
     lib = gdal_library()
     if lib is None or src.dtypes[0] not in EXACT_DTYPES:
         return None
     bh, bw = src.block_shapes[0]
     row_of_blocks = -(-src.width // bw) * bw * bh * np.dtype(src.dtypes[0]).itemsize
-    with rasterio.Env(), _block_cache_at_least(lib, 2 * row_of_blocks), contextlib.ExitStack() as stack:
-        drv = _vector_memory_driver(lib)
+    with rasterio.Env(), _block_cache_at_least(lib, 2 * row_of_blocks):
         ds = lib.GDALOpenEx(os.fsencode(src.name), GDAL_OF_RASTER | GDAL_OF_VERBOSE_ERROR, None, None, None)
-        if not drv or not ds:
+        if not ds:
             return None
-        stack.callback(lib.GDALClose, ds)
-        band = lib.GDALGetRasterBand(ds, 1)
-        mem = lib.GDALCreate(drv, b"", 0, 0, 0, 0, None)
-        if not mem:
-            return None
-        stack.callback(lib.GDALClose, mem)
+        try:
+            # no mask: nodata regions are traced like any class and dropped after. Their pixels
+            # end the regions next to them all the same, and a nodata mask band would read
+            # every row a second time (1.8 s instead of 2.2 s on the 8192² benchmark map)
+            return _polygonize_band(lib, lib.GDALGetRasterBand(ds, 1), None, skip=nodata, name=src.name)
+        finally:
+            lib.GDALClose(ds)
+
+
+def trace_array(data: np.ndarray, mask: np.ndarray | None = None, transform=None) -> tuple[np.ndarray, np.ndarray]:
+    """(values, polygons): one polygon per 4-connected region of equal values of ``data`` where
+    ``mask`` is true, with vertices mapped through ``transform`` (an Affine; default identity).
+
+    What ``rasterio.features.shapes(data, mask, connectivity=4, transform=transform)`` gives,
+    as int64 values and an array of shapely polygons, without the GeoJSON dicts in between
+    (GDAL's C polygoniser on in-memory rasters; ``shapes`` itself where it cannot be reached).
+    """
+    from affine import Affine
+
+    transform = Affine.identity() if transform is None else transform
+    lib = gdal_library()
+    driver = lib.GDALGetDriverByName(b"MEM") if lib is not None else None
+    traced = None
+    if driver and data.dtype.name in EXACT_DTYPES:
+        with contextlib.ExitStack() as stack:
+            bands = [_memory_band(lib, driver, np.ascontiguousarray(data, np.int32), GDT_INT32, transform, stack),
+                     None if mask is None else
+                     _memory_band(lib, driver, np.ascontiguousarray(mask, np.uint8), GDT_BYTE, transform, stack)]
+            if bands[0] and (mask is None or bands[1]):
+                traced = _polygonize_band(lib, bands[0], bands[1], skip=None, name="in-memory raster")
+    if traced is not None:
+        return traced
+    from rasterio.features import shapes
+
+    pairs = [(int(v), _polygon(g)) for g, v in shapes(data, mask=mask, connectivity=4, transform=transform)]
+    return np.asarray([v for v, _ in pairs], np.int64), np.asarray([g for _, g in pairs], dtype=object)
+
+
+def _memory_band(lib, driver, array: np.ndarray, gdal_type: int, transform, stack) -> int | None:
+    """A one-band in-memory GDAL raster holding a copy of ``array`` (closed by ``stack``)."""
+    h, w = array.shape
+    ds = lib.GDALCreate(driver, b"", w, h, 1, gdal_type, None)
+    if not ds:
+        return None
+    stack.callback(lib.GDALClose, ds)
+    lib.GDALSetGeoTransform(ds, (ctypes.c_double * 6)(*transform.to_gdal()))
+    band = lib.GDALGetRasterBand(ds, 1)
+    if lib.GDALRasterIO(band, GF_WRITE, 0, 0, w, h, array.ctypes.data, w, h, gdal_type, 0, 0) != 0:
+        return None
+    return band
+
+
+def _polygonize_band(lib, band, mask, *, skip, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(values, polygons) of ``band`` (pixels where ``mask`` is not 0), regions of value ``skip``
+    left out; None if GDAL has no in-memory vector driver."""
+    import shapely
+
+    drv = _vector_memory_driver(lib)
+    mem = lib.GDALCreate(drv, b"", 0, 0, 0, GDT_UNKNOWN, None) if drv else None
+    if not mem:
+        return None
+    try:
         layer = lib.GDALDatasetCreateLayer(mem, b"regions", None, WKB_POLYGON, None)
         field = lib.OGR_Fld_Create(b"value", OFT_INTEGER)
         lib.OGR_L_CreateField(layer, field, 1)
         lib.OGR_Fld_Destroy(field)
-        # no mask: nodata regions are traced like any class and dropped below. Their pixels
-        # would otherwise end the regions next to them all the same, and a nodata mask band
-        # reads every row a second time (1.8 s instead of 2.2 s on the 8192² benchmark map)
-        if lib.GDALPolygonize(band, None, layer, 0, None, None, None) != 0:
+        if lib.GDALPolygonize(band, mask, layer, 0, None, None, None) != 0:
             raise rasterio.errors.RasterioIOError(
-                f"{src.name}: GDAL could not polygonise it: {(lib.CPLGetLastErrorMsg() or b'').decode()}")
-        codes, wkbs = _features(lib, layer, nodata)
-    return np.asarray(codes, np.int64), shapely.from_wkb(np.asarray(wkbs, dtype=object))
+                f"{name}: GDAL could not polygonise it: {(lib.CPLGetLastErrorMsg() or b'').decode()}")
+        values, wkbs = _features(lib, layer, skip)
+    finally:
+        lib.GDALClose(mem)
+    return np.asarray(values, np.int64), shapely.from_wkb(np.asarray(wkbs, dtype=object))
 
 
 @contextlib.contextmanager
@@ -239,15 +299,15 @@ def _block_cache_at_least(lib, nbytes: int):
             lib.GDALSetCacheMax64(before)
 
 
-def _features(lib, layer, nodata) -> tuple[list[int], list[bytes]]:
-    """(value, WKB) of each feature of ``layer`` whose value is not ``nodata``."""
+def _features(lib, layer, skip) -> tuple[list[int], list[bytes]]:
+    """(value, WKB) of each feature of ``layer`` whose value is not ``skip``."""
     codes, wkbs = [], []
     buf = ctypes.create_string_buffer(1 << 16)  # reused: allocating one per feature costs more
     lib.OGR_L_ResetReading(layer)
     while feature := lib.OGR_L_GetNextFeature(layer):
         try:
             value = lib.OGR_F_GetFieldAsInteger(feature, 0)
-            if value == nodata:
+            if value == skip:
                 continue
             geom = lib.OGR_F_GetGeometryRef(feature)
             size = lib.OGR_G_WkbSize(geom)

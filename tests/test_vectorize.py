@@ -253,3 +253,25 @@ def test_existing_output_needs_overwrite(tmp_path):
     with pytest.raises(OutputExistsError):
         polygonize(raster, tmp_path / "lc.gpkg", CLASSES)
     assert (tmp_path / "lc.gpkg").read_text() == "not ours"
+
+
+def test_trace_array_is_rasterio_shapes_without_geojson(monkeypatch):
+    """The in-memory helper (crowns, change polygons) gives what rasterio.features.shapes gives."""
+    from rasterio.features import shapes
+
+    rng = np.random.default_rng(10)
+    ids = label(rng.random((97, 151)) < 0.55, connectivity=1).astype(np.int32)
+    keep = ids % 3 != 0
+    transform = Affine.translation(40, 1024)
+    expected = [(int(v), shapely.geometry.shape(g)) for g, v in shapes(ids, mask=keep, connectivity=4,
+                                                                        transform=transform)]
+    assert len(expected) > 100
+    for fast in (True, False):
+        with monkeypatch.context() as m:
+            if not fast:
+                m.setattr(vectorize, "gdal_library", lambda: None)
+            values, polygons = vectorize.trace_array(ids, keep, transform)
+        assert values.tolist() == [v for v, _ in expected]
+        assert shapely.to_wkb(polygons).tolist() == shapely.to_wkb(np.array([g for _, g in expected])).tolist()
+        empty_values, empty = vectorize.trace_array(ids, np.zeros_like(keep), transform)
+        assert len(empty_values) == len(empty) == 0

@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-from rasterio.features import shapes
 from rasterio.windows import Window
 
 import geodino
@@ -68,21 +67,14 @@ def crown_polygons(labels: np.ndarray, keep: np.ndarray, row0: int, col0: int, t
     import shapely
     from affine import Affine
 
-    values, rings, ring_ends, poly_ends = [], [], [0], [0]
-    for geom, value in shapes(labels, mask=keep[labels], connectivity=4, transform=Affine.translation(col0, row0)):
-        values.append(int(value))
-        for ring in geom["coordinates"]:
-            rings.append(np.asarray(ring, np.float64))
-            ring_ends.append(ring_ends[-1] + len(ring))
-        poly_ends.append(len(rings))
-    if not values:
+    from geodino.vectorize import trace_array
+
+    values, polygons = trace_array(labels, keep[labels], Affine.translation(col0, row0))
+    if not len(values):
         return np.zeros(0, np.int64), np.empty(0, object)
-    px = np.concatenate(rings)
-    xy = np.column_stack([transform.c + px[:, 0] * transform.a + px[:, 1] * transform.b,
-                          transform.f + px[:, 0] * transform.d + px[:, 1] * transform.e])
-    polygons = shapely.from_ragged_array(shapely.GeometryType.POLYGON, xy,
-                                         (np.asarray(ring_ends, np.int64), np.asarray(poly_ends, np.int64)))
-    return np.asarray(values, np.int64), polygons
+    return values, shapely.transform(polygons, lambda px: np.column_stack(
+        [transform.c + px[:, 0] * transform.a + px[:, 1] * transform.b,
+         transform.f + px[:, 0] * transform.d + px[:, 1] * transform.e]))
 
 
 def id_raster_profile(raster: CanopyRaster, block: int) -> dict:

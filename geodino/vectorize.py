@@ -88,26 +88,23 @@ def polygonize(raster: str | os.PathLike, out: str | os.PathLike, classes: Class
 def _sort_order(codes: np.ndarray, areas: np.ndarray, geoms) -> np.ndarray:
     """Row order: class code, then area (largest first), then position for equal areas.
 
-    Many regions of a class have the same area (single pixels, above all). Their order is
-    fixed by each one's top left corner, so it does not depend on the order they were traced in.
+    Most regions share their area with another of their class (single pixels, above all).
+    Their order is fixed by each one's top left corner, so it does not depend on the order
+    they were traced in.
     """
-    import pandas as pd
-
-    top, left = np.zeros(len(codes)), np.zeros(len(codes))
-    tied = pd.DataFrame({"code": codes, "area": areas}).duplicated(keep=False).to_numpy()
-    if tied.any():
-        top[tied], left[tied] = _top_left(geoms[tied])
+    top, left = _top_left(np.asarray(geoms))
     return np.lexsort((left, -top, -areas, codes))
 
 
 def _top_left(geoms) -> tuple[np.ndarray, np.ndarray]:
-    """Each polygon's topmost exterior vertex (the leftmost of them): a key no two regions share.
+    """Each polygon's topmost vertex (the leftmost of them): a key no two regions share.
 
-    The pixel below and right of that vertex (on a north-up grid) is the region's own.
+    The pixel below and right of that vertex (on a north-up grid) is the region's own. Holes
+    never reach the top of their polygon, so all rings may be searched.
     """
     import shapely
 
-    xy, which = shapely.get_coordinates(shapely.get_exterior_ring(geoms), return_index=True)
+    xy, which = shapely.get_coordinates(geoms, return_index=True)
     top = shapely.bounds(geoms)[:, 3]
     on_top = xy[:, 1] == top[which]
     left = np.full(len(geoms), np.inf)

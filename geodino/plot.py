@@ -352,14 +352,15 @@ def landcover(source, *, ax=None, classes: ClassTable | None = None, legend: boo
     return ax
 
 
-def side_by_side(source, *, scene_source=None, stretch=None, max_size: int = MAX_SIZE, panel_size: float = 4.5):
+def side_by_side(source, *, scene_source=None, stretch=None, max_size: int = MAX_SIZE, panel_size: float = 4.5,
+                 pyplot: bool = True):
     """The scene, canopy height and land cover that ``source`` has, side by side on shared map axes.
 
     ``scene_source``: where to read the scene when ``source`` does not record it (a scene file,
-    DataArray or Scene; ``stretch`` its (lo, hi)). Returns the figure.
+    DataArray or Scene; ``stretch`` its (lo, hi)). Returns the figure. ``pyplot=False``: a
+    figure that pyplot does not manage (never shown, no close needed; for saving from any
+    thread, as the quicklook does).
     """
-    import matplotlib.pyplot as plt
-
     panels = []
     rgb_from = scene_source if scene_source is not None else source
     if scene_source is not None or _scene_reference(source) is not None:
@@ -370,8 +371,15 @@ def side_by_side(source, *, scene_source=None, stretch=None, max_size: int = MAX
         panels.append(lambda ax: landcover(source, ax=ax, max_size=max_size))
     if not panels:
         raise InputError(f"nothing to draw in {source if isinstance(source, (str, Path)) else type(source).__name__}")
-    fig, axes = plt.subplots(1, len(panels), figsize=(panel_size * len(panels) + 1.5, panel_size),
-                             sharex=True, sharey=True, layout="constrained", squeeze=False)
+    if pyplot:
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure(figsize=(panel_size * len(panels) + 1.5, panel_size), layout="constrained")
+    else:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(panel_size * len(panels) + 1.5, panel_size), layout="constrained")
+    axes = fig.subplots(1, len(panels), sharex=True, sharey=True, squeeze=False)
     for draw_panel, ax in zip(panels, axes[0]):
         draw_panel(ax)
     for ax in axes[0][1:]:

@@ -9,30 +9,29 @@ from __future__ import annotations
 from pathlib import Path
 
 from geodino.export import atomic_path
+from geodino.scene import OVERVIEW_SIZE
 
 QUICKLOOK = "quicklook.png"
 
 
 def quicklook(out_dir: str | Path, png: str | Path | None = None, *, scene=None, stretch=None,
-              max_size: int = 800, dpi: int = 90) -> Path:
+              max_size: int = OVERVIEW_SIZE, dpi: int = 90) -> Path:
     """Write ``png`` (default ``out_dir/quicklook.png``) from the GeoTIFFs in ``out_dir``.
 
     ``scene``: the scene to show first (a Scene, a file or a DataArray; ``stretch`` its (lo, hi)
     per band); without it, the scene recorded in ``out_dir/report.json`` if there is one.
+    ``max_size``: pixels a side read for each panel; the default is the decimated read a run
+    has already made of its Scene (the all-nodata check), so the scene is not decoded again.
+    Panels are ~400 px wide at the default dpi: any size above that looks the same.
     """
-    import matplotlib.pyplot as plt
-
     from geodino.plot import side_by_side
 
     out_dir = Path(out_dir)
     png = Path(png) if png is not None else out_dir / QUICKLOOK
-    # a figure of its own, never pyplot's current one: this also runs inside notebooks
-    fig = side_by_side(out_dir, scene_source=scene, stretch=stretch, max_size=max_size)
-    try:
-        with atomic_path(png) as tmp:
-            fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight", pad_inches=0.15)
-    finally:
-        plt.close(fig)
+    # a figure of its own that pyplot never sees: this also runs inside notebooks and threads
+    fig = side_by_side(out_dir, scene_source=scene, stretch=stretch, max_size=max_size, pyplot=False)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight", pad_inches=0.15)
     return png
 
 

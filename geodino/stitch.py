@@ -26,7 +26,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from geodino.scene import Grid, ensure_block_cache
-from geodino.tiling import Tile, blend_weights, read_tile
+from geodino.tiling import Tile, blend_weights, coarse_taper, coarsen_weights, read_tile
 from geodino.timing import stage
 
 
@@ -147,13 +147,6 @@ class BatchResult(dict):
 Predictor = Callable[[np.ndarray], Mapping[str, np.ndarray]]
 
 
-def _coarsen_weight(w: np.ndarray, s: int) -> np.ndarray:
-    if s == 1:
-        return w
-    h, wd = w.shape
-    return w.reshape(h // s, s, wd // s, s).mean(axis=(1, 3))
-
-
 def run_batch(scene, normalise, tiles: Sequence[Tile], predictor: Predictor, outputs: Mapping[str, OutputSpec],
               overlap: int, on_done: Callable[[int], None] | None = None) -> BatchResult:
     """Read, infer and weight one batch of windows; windows without valid pixels are skipped."""
@@ -199,7 +192,10 @@ def _weigh(results: BatchResult, preds, kept, weights, valids, outputs, h: int, 
         oh, ow = math.ceil(h / s), math.ceil(w / s)
         pred = preds[name]
         for i, tile in enumerate(kept):
-            wt = _coarsen_weight(weights[i], s)
+            if s > 1 and valids[i].all():  # the weights are the taper: coarsened once for all such windows
+                wt = coarse_taper(tile, h, w, overlap, s)
+            else:
+                wt = coarsen_weights(weights[i], s)
             r0, c0 = tile.row // s, tile.col // s
             rh, cw = min(wt.shape[0], oh - r0), min(wt.shape[1], ow - c0)
             wt = np.ascontiguousarray(wt[:rh, :cw], dtype=np.float32)

@@ -8,7 +8,8 @@ slow even from its block cache: it copies band by band with a pixel stride (8192
 them with numpy took 0.9 s for the same windows. GDAL's block cache cannot stand in for this
 cache: it holds what the writers write too, so at geodino's 16 MB (see
 :mod:`geodino.runtime`) the tiles of the row above are gone when the next row of windows
-needs them; this cache holds only source tiles, as many as two rows of windows share.
+needs them; this cache holds only source tiles: the row of tiles two rows of windows share
+and the tiles of the windows being read.
 
 Only exact conversions take this path (uint8, int8, uint16, int16 and float32 to float32:
 the window is bit-identical to GDAL's read); warped scenes, mosaics (VRT documents) and
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
@@ -28,36 +28,38 @@ from rasterio.windows import Window
 
 EXACT_IN_FLOAT32 = ("uint8", "int8", "uint16", "int16", "float32")
 MAX_TILE_BYTES = 16 * 2**20  # one block larger than this (e.g. a whole-image strip): read through GDAL
-MAX_CACHE_BYTES = 256 * 2**20  # a scene so wide that two rows of tiles exceed this: read through GDAL
+MAX_CACHE_BYTES = 256 * 2**20  # a scene so wide that its tiles under a window exceed this: read through GDAL
 MAX_PIECES = 64  # tiles (or strips) one window may span on this path
 
 
 class TileCache:
-    """A thread-safe LRU of decoded tiles, at most ``capacity`` of them.
+    """Decoded tiles by (tile row, tile column), at most ``capacity`` of them, thread-safe.
 
-    Two threads that miss the same tile at once both decode it (rare, and cheaper than
-    making every reader wait on one lock while GDAL decodes). ``loads`` counts decodes.
+    When full, the tile first in raster order goes: windows are read row by row, so the
+    tiles above and to the left of the ones being read are those no window needs any more,
+    while the row of tiles that the next row of windows shares stays (LRU would need two rows
+    of tiles for that). Two threads that miss the same tile at once both decode it (rare,
+    and cheaper than making every reader wait while GDAL decodes). ``loads`` counts decodes.
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.loads = 0
-        self._tiles: OrderedDict = OrderedDict()
+        self._tiles: dict = {}
         self._lock = threading.Lock()
 
-    def get(self, key, load: Callable[[], object], keep: bool = True):
+    def get(self, key: tuple[int, int], load: Callable[[], object], keep: bool = True):
         with self._lock:
             hit = self._tiles.get(key)
-            if hit is not None:
-                self._tiles.move_to_end(key)
-                return hit
+        if hit is not None:
+            return hit
         value = load()
         with self._lock:
             self.loads += 1
             if keep:
                 self._tiles[key] = value
                 while len(self._tiles) > self.capacity:
-                    self._tiles.popitem(last=False)
+                    del self._tiles[min(self._tiles)]
         return value
 
 
@@ -100,15 +102,16 @@ class TiledReader:
         return reader if reader.tile_bytes <= MAX_TILE_BYTES else None
 
     def fits(self, h: int, w: int) -> bool:
-        """Make room for windows of ``h`` x ``w``: the tiles under two rows of them (where the
-        rows overlap they share a row of tiles) plus a few for readers running out of order;
-        False when that would exceed :data:`MAX_CACHE_BYTES` or a window spans more than
-        :data:`MAX_PIECES` blocks."""
+        """Make room for windows of ``h`` x ``w``: a window's height of tile rows across the
+        scene (what the next row of windows shares with this one, at most) plus the tiles
+        of two windows per reading thread; False when that would exceed
+        :data:`MAX_CACHE_BYTES` or a window spans more than :data:`MAX_PIECES` blocks."""
         bh, bw = self.block
-        if (math.ceil(h / bh) + 1) * (math.ceil(w / bw) + 1) > MAX_PIECES:
+        pieces = (math.ceil(h / bh) + 1) * (math.ceil(w / bw) + 1)
+        if pieces > MAX_PIECES:
             return False  # thin strips or small tiles: a Python step per piece would cost more
         per_row = math.ceil(self.width / bw)
-        needed = per_row * (math.ceil(h / bh) + 1) + 2 * (math.ceil(w / bw) + 1)
+        needed = per_row * math.ceil(h / bh) + 4 * pieces
         if needed * self.tile_bytes > MAX_CACHE_BYTES:
             return False
         self.cache.capacity = max(self.cache.capacity, needed)

@@ -9,20 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from geodino.export import atomic_path
-from geodino.scene import OVERVIEW_SIZE
 
 QUICKLOOK = "quicklook.png"
 
 
 def quicklook(out_dir: str | Path, png: str | Path | None = None, *, scene=None, stretch=None,
-              max_size: int = OVERVIEW_SIZE, dpi: int = 90) -> Path:
+              max_size: int = 800, dpi: int = 90) -> Path:
     """Write ``png`` (default ``out_dir/quicklook.png``) from the GeoTIFFs in ``out_dir``.
 
     ``scene``: the scene to show first (a Scene, a file or a DataArray; ``stretch`` its (lo, hi)
-    per band); without it, the scene recorded in ``out_dir/report.json`` if there is one.
-    ``max_size``: pixels a side read for each panel; the default is the decimated read a run
-    has already made of its Scene (the all-nodata check), so the scene is not decoded again.
-    Panels are ~400 px wide at the default dpi: any size above that looks the same.
+    per band); without it, the scene recorded in ``out_dir/report.json`` if there is one. A
+    Scene is drawn from the decimated read its run has already made (no second decode).
     """
     from geodino.plot import side_by_side
 

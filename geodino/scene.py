@@ -244,19 +244,30 @@ class Scene:
         sweeps every block of a block row for each output row, and re-decodes them all
         whenever a block row is larger than the block cache.)
 
-        The result is kept with this Scene object (read-only arrays, at most a few sizes), so
-        the all-nodata check, scene statistics and the quicklook of one run decode the scene
-        once between them rather than once each.
+        The result is kept with this Scene object (at most two sizes; integer pixels in their
+        own type, a quarter of the bytes), so the all-nodata check, scene statistics and the
+        quicklook of one run decode the scene once between them rather than once each. The
+        values come back as a new float32 array each time; the validity is shared, read-only.
         """
         memo = self.__dict__.setdefault("_overview_memo", {})
         if max_size not in memo:
             data, valid = self._read_overview(max_size)
-            data.setflags(write=False)
+            if self.dtype in ("uint8", "int8", "uint16", "int16"):
+                compact = data.astype(self.dtype)
+                data = compact if np.array_equal(compact, data) else data
             valid.setflags(write=False)
             while len(memo) >= 2:  # a third size evicts the oldest
                 memo.pop(next(iter(memo)))
             memo[max_size] = data, valid
-        return memo[max_size]
+        data, valid = memo[max_size]
+        return data.astype(np.float32), valid
+
+    def release_tiles(self) -> None:
+        """Drop the decoded source tiles kept for overlapping windows (at the end of a run's
+        reading; a later read decodes what it needs again)."""
+        reader = self.__dict__.get("_tiles")
+        if reader:
+            reader.cache.clear()
 
     def _read_overview(self, max_size: int) -> tuple[np.ndarray, np.ndarray]:
         ds = self._dataset()

@@ -62,6 +62,10 @@ class TileCache:
                     del self._tiles[min(self._tiles)]
         return value
 
+    def clear(self) -> None:
+        with self._lock:
+            self._tiles.clear()
+
 
 def all_valid(ds, bands) -> bool:
     """Whether GDAL would report every pixel of ``bands`` valid: no nodata, mask or alpha.

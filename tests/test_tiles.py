@@ -87,6 +87,10 @@ def test_each_tile_is_decoded_once_across_rows_of_windows(tmp_path):
         scene.read(tile.window)
     reader = scene._tiled_reader(scene._dataset())
     assert reader.cache.loads == (512 // 64) * (384 // 64)
+    assert reader.cache._tiles  # kept for more windows ...
+    scene.release_tiles()
+    assert not reader.cache._tiles  # ... until the run has read them all
+    np.testing.assert_array_equal(scene.read(Window(10, 20, 96, 96))[0], _gdal_only(path).read(Window(10, 20, 96, 96))[0])
     # a sweep (the decimated statistics read) keeps nothing it read for itself
     other = open_scene(path)
     other.read_overview(128)

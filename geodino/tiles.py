@@ -108,14 +108,15 @@ class TiledReader:
     def fits(self, h: int, w: int) -> bool:
         """Make room for windows of ``h`` x ``w``: a window's height of tile rows across the
         scene (what the next row of windows shares with this one, at most) plus the tiles
-        of two windows per reading thread; False when that would exceed
+        of two windows (readers on two threads: measured, each tile is still decoded once
+        in a run); False when that would exceed
         :data:`MAX_CACHE_BYTES` or a window spans more than :data:`MAX_PIECES` blocks."""
         bh, bw = self.block
         pieces = (math.ceil(h / bh) + 1) * (math.ceil(w / bw) + 1)
         if pieces > MAX_PIECES:
             return False  # thin strips or small tiles: a Python step per piece would cost more
         per_row = math.ceil(self.width / bw)
-        needed = per_row * math.ceil(h / bh) + 4 * pieces
+        needed = per_row * math.ceil(h / bh) + 2 * pieces
         if needed * self.tile_bytes > MAX_CACHE_BYTES:
             return False
         self.cache.capacity = max(self.cache.capacity, needed)

@@ -80,7 +80,8 @@ class WindowResult:
         height, width, overlap = self.shape
         r, c = self.offset
         taper = blend_weights(self.tile, height, width, overlap)
-        return taper[r + rows.start:r + rows.stop, c + cols.start:c + cols.stop] * self.mask[rows, cols]
+        part, mask = taper[r + rows.start:r + rows.stop, c + cols.start:c + cols.stop], self.mask[rows, cols]
+        return part if mask.all() else part * mask  # all valid (most windows): the taper, read-only
 
     def bounds(self) -> tuple[int, int, int, int]:
         h, w = (self.values if self.values is not None else self.mask).shape[-2:]

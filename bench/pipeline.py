@@ -136,6 +136,7 @@ def main() -> None:
         "largest_graph_sent_kb": round(max(SENT) / 1024, 1) if SENT else None,
         "stages_s": {k: round(v, 3) for k, v in sorted(stages.items(), key=lambda kv: -kv[1])},
         "stages_cpu_s": {k: round(v, 3) for k, v in sorted(stages.cpu.items(), key=lambda kv: -kv[1])},
+        "stages_calls": dict(sorted(stages.calls.items())),
         "outputs": report["outputs"], "machine": machine(),
     }, indent=2))
 

@@ -248,6 +248,7 @@ def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, 
                 write_rasters(rasters, overwrite=overwrite, compress=o.compress)
         finally:
             run.hooks.remove(bar.advance)
+            run.scene.release_tiles()  # every window is read: free the source tiles before the quicklook
     elapsed = time.perf_counter() - start
     outputs = {r.path.stem: str(r.path.name) for r in rasters}
     if polygons is not None:

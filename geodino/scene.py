@@ -31,6 +31,10 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from geodino.errors import InputError
+from geodino.tiles import TiledReader, all_valid
+
+# the decimated whole-scene read behind statistics, the all-nodata check and the quicklook
+OVERVIEW_SIZE = 1024
 
 SUPPORTED_DTYPES = ("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64")
 
@@ -131,7 +135,25 @@ class Scene:
         A pixel is valid when any selected band is valid by the file's own mask (nodata,
         internal mask or alpha, as GDAL combines them) and all its values are finite.
         ``out``: a C-contiguous float32 (bands, h, w) array to read into (no new buffer).
+        Tiled files are read a whole tile at a time and tiles are kept for the windows that
+        overlap them (:mod:`geodino.tiles`); the values are those GDAL reads.
         """
+        return self._read(window, out)
+
+    def _tiled_reader(self, ds):
+        """This Scene's :class:`geodino.tiles.TiledReader` (None where the file does not qualify)."""
+        reader = self.__dict__.get("_tiles", False)
+        if reader is False:
+            with _MEMO_LOCK:
+                reader = self.__dict__.get("_tiles", False)
+                if reader is False:
+                    qualifies = not self.warped and self.source == self.paths[0]
+                    reader = TiledReader.for_dataset(ds, self.bands, self._valid) if qualifies else None
+                    self.__dict__["_tiles"] = reader
+        return reader
+
+    def _read(self, window: Window, out: np.ndarray | None = None, keep_tiles: bool = True
+              ) -> tuple[np.ndarray, np.ndarray]:
         ds = self._dataset()
         r0, c0 = int(window.row_off), int(window.col_off)
         h, w = int(window.height), int(window.width)
@@ -150,9 +172,13 @@ class Scene:
             return out, valid
         inner = Window(ic0, ir0, ic1 - ic0, ir1 - ir0)
         part = out if inside else np.empty((len(self.bands), ir1 - ir0, ic1 - ic0), np.float32)
+        tiled = self._tiled_reader(ds)
         with self._read_errors(f"window col {ic0}-{ic1}, row {ir0}-{ir1}"):
-            ds.read(self.bands, window=inner, out=part)
-            ok = self._valid(ds, window=inner)
+            if tiled is not None and tiled.fits(h, w):
+                ok = tiled.read(ds, inner, part, keep=keep_tiles)
+            else:
+                ds.read(self.bands, window=inner, out=part)
+                ok = self._valid(ds, window=inner)
         if any(np.issubdtype(np.dtype(ds.dtypes[b - 1]), np.floating) for b in self.bands):
             finite = np.isfinite(part).all(axis=0)
             if not finite.all():
@@ -192,6 +218,8 @@ class Scene:
         shape = kwargs.pop("out_shape", None)
         if shape is not None:
             kwargs.update(out_shape=(len(self.bands),) + tuple(shape), resampling=Resampling.nearest)
+        if all_valid(ds, self.bands):  # GDAL's mask would be all 255: skip reading it
+            return np.ones(tuple(shape) if shape is not None else _window_shape(kwargs["window"]), bool)
         valid = ds.read_masks(self.bands, **kwargs).max(axis=0) > 0
         alpha = [i + 1 for i, c in enumerate(ds.colorinterp) if c == ColorInterp.alpha]
         if alpha and alpha[0] not in self.bands:
@@ -200,14 +228,48 @@ class Scene:
             valid &= ds.read(alpha[0], **kwargs) > 0
         return valid
 
-    def read_overview(self, max_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    def __getstate__(self) -> dict:
+        # the memo of decimated reads stays in this process: it would put megabytes of
+        # pixels into every dask graph and pickled task that carries the scene
+        state = dict(self.__dict__)
+        state.pop("_overview_memo", None)
+        state.pop("_tiles", None)  # decoded tiles, likewise
+        return state
+
+    def read_overview(self, max_size: int = OVERVIEW_SIZE) -> tuple[np.ndarray, np.ndarray]:
         """A decimated read of the whole scene (from overviews where present) for statistics.
 
         Without overviews, every ``f``-th pixel is taken from one source block (tile or strip)
         at a time: each block is decoded once, in bounded memory. (GDAL's own decimated read
         sweeps every block of a block row for each output row, and re-decodes them all
         whenever a block row is larger than the block cache.)
+
+        The result is kept with this Scene object (at most two sizes; integer pixels in their
+        own type, a quarter of the bytes), so the all-nodata check, scene statistics and the
+        quicklook of one run decode the scene once between them rather than once each. The
+        values come back as a new float32 array each time; the validity is shared, read-only.
         """
+        memo = self.__dict__.setdefault("_overview_memo", {})
+        if max_size not in memo:
+            data, valid = self._read_overview(max_size)
+            if self.dtype in ("uint8", "int8", "uint16", "int16"):
+                compact = data.astype(self.dtype)
+                data = compact if np.array_equal(compact, data) else data
+            valid.setflags(write=False)
+            while len(memo) >= 2:  # a third size evicts the oldest
+                memo.pop(next(iter(memo)))
+            memo[max_size] = data, valid
+        data, valid = memo[max_size]
+        return data.astype(np.float32), valid
+
+    def release_tiles(self) -> None:
+        """Drop the decoded source tiles kept for overlapping windows (at the end of a run's
+        reading; a later read decodes what it needs again)."""
+        reader = self.__dict__.get("_tiles")
+        if reader:
+            reader.cache.clear()
+
+    def _read_overview(self, max_size: int) -> tuple[np.ndarray, np.ndarray]:
         ds = self._dataset()
         scale = max(self.grid.width, self.grid.height) / max_size
         if scale <= 1:
@@ -247,7 +309,7 @@ class Scene:
                     ci = np.flatnonzero((cols >= c0) & (cols < c1))
                     if not len(ci):
                         continue
-                    block, ok = self.read(Window(c0, r0, c1 - c0, r1 - r0))
+                    block, ok = self._read(Window(c0, r0, c1 - c0, r1 - r0), keep_tiles=False)
                     sel = np.ix_(rows[ri] - r0, cols[ci] - c0)
                     data[:, ri[0]:ri[-1] + 1, ci[0]:ci[-1] + 1] = block[(slice(None),) + sel]
                     valid[ri[0]:ri[-1] + 1, ci[0]:ci[-1] + 1] = ok[sel]
@@ -266,6 +328,11 @@ class Scene:
 
 
 _HANDLES = threading.local()
+_MEMO_LOCK = threading.Lock()
+
+
+def _window_shape(window: Window) -> tuple[int, int]:
+    return int(window.height), int(window.width)
 
 
 def _blocks_bytes(ds, window: int) -> int:
@@ -537,7 +604,7 @@ def _require_overlap(ds, grid: Grid, label: str) -> None:
 
 def require_valid_pixels(scene: Scene) -> float:
     """The valid fraction of the scene (from a decimated read); an error if there is none."""
-    _, valid = scene.read_overview(1024)
+    _, valid = scene.read_overview(OVERVIEW_SIZE)
     if not valid.any():
         # a decimated read can miss slivers: confirm at full resolution, strip by strip
         for row in range(0, scene.grid.height, 512):

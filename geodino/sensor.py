@@ -209,10 +209,12 @@ def prepare(scene, profile_name: str = "auto", family: str = "sat", bands=None):
     return scene, Normalisation(profile.name, family, tuple(map(float, lo)), tuple(map(float, hi)), mean, std)
 
 
-def scene_percentiles(scene, percentiles=(2.0, 98.0), max_size: int = 1024):
-    """Per-band percentiles of the valid pixels of a decimated whole-scene read."""
-    from geodino.scene import require_valid_pixels
+def scene_percentiles(scene, percentiles=(2.0, 98.0), max_size: int | None = None):
+    """Per-band percentiles of the valid pixels of a decimated whole-scene read
+    (``max_size``: default :data:`geodino.scene.OVERVIEW_SIZE`, the read a run shares)."""
+    from geodino.scene import OVERVIEW_SIZE, require_valid_pixels
 
+    max_size = max_size or OVERVIEW_SIZE
     require_valid_pixels(scene)
     data, valid = scene.read_overview(max_size)
     lo, hi = [], []

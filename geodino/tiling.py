@@ -105,12 +105,39 @@ def _taper(size: int, overlap: int, top: bool, bottom: bool, left: bool, right: 
     return w
 
 
+def scene_edges(tile: Tile, height: int, width: int) -> tuple[bool, bool, bool, bool]:
+    """Whether the window's top, bottom, left and right edges lie on the scene border."""
+    return tile.row == 0, tile.row + tile.size >= height, tile.col == 0, tile.col + tile.size >= width
+
+
 def blend_weights(tile: Tile, height: int, width: int, overlap: int, valid: np.ndarray | None = None) -> np.ndarray:
-    """Blend weights of a window: the taper, zero on invalid input and outside the scene."""
-    w = _taper(tile.size, overlap, tile.row == 0, tile.row + tile.size >= height,
-               tile.col == 0, tile.col + tile.size >= width)
-    if valid is not None:
+    """Blend weights of a window: the taper, zero on invalid input and outside the scene.
+
+    Where every pixel is valid this is the shared, read-only taper itself (no copy)."""
+    w = _taper(tile.size, overlap, *scene_edges(tile, height, width))
+    if valid is not None and not valid.all():
         w = w * valid
+    return w
+
+
+def coarsen_weights(w: np.ndarray, s: int) -> np.ndarray:
+    """Weights averaged over ``s`` x ``s`` cells (the patch grid of a coarse output)."""
+    if s == 1:
+        return w
+    h, wd = w.shape
+    return w.reshape(h // s, s, wd // s, s).mean(axis=(1, 3))
+
+
+def coarse_taper(tile: Tile, height: int, width: int, overlap: int, s: int) -> np.ndarray:
+    """:func:`coarsen_weights` of the taper (a window without invalid pixels), read-only, computed
+    once per window position class rather than once per window."""
+    return _coarse_taper(tile.size, overlap, scene_edges(tile, height, width), s)
+
+
+@functools.lru_cache(maxsize=64)
+def _coarse_taper(size: int, overlap: int, edges: tuple[bool, bool, bool, bool], s: int) -> np.ndarray:
+    w = coarsen_weights(_taper(size, overlap, *edges), s)
+    w.setflags(write=False)
     return w
 
 

@@ -37,18 +37,27 @@ class StageTimes(dict):
 _ACTIVE: StageTimes | None = None
 
 
-@contextlib.contextmanager
-def stage(name: str) -> Iterator[None]:
-    """Add the time spent in the block to stage ``name`` (when a collection is active)."""
-    times = _ACTIVE
-    if times is None:
-        yield
-        return
-    start, cpu = time.perf_counter(), time.thread_time()
-    try:
-        yield
-    finally:
-        times.add(name, time.perf_counter() - start, time.thread_time() - cpu)
+class stage:  # lower case: used like a function, ``with stage("read"):``
+    """Add the time spent in the block to stage ``name`` (when a collection is active).
+
+    A plain class rather than a generator context manager: entering and leaving one costs
+    ~1 µs instead of ~5 µs, so it can wrap per-window work.
+    """
+
+    __slots__ = ("cpu", "name", "start", "times")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> None:
+        self.times = _ACTIVE
+        if self.times is not None:
+            self.start, self.cpu = time.perf_counter(), time.thread_time()
+
+    def __exit__(self, *exc) -> bool:
+        if self.times is not None:
+            self.times.add(self.name, time.perf_counter() - self.start, time.thread_time() - self.cpu)
+        return False
 
 
 @contextlib.contextmanager

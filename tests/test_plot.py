@@ -141,3 +141,20 @@ def test_geodino_run_writes_quicklook_and_styles(tmp_path, tiny_models, small_sc
         assert con.execute("SELECT count(*) FROM layer_styles WHERE useAsDefault").fetchone() == (1,)
     assert main([*args, "--out", str(tmp_path / "b"), "--no-quicklook"]) == 0
     assert not (tmp_path / "b" / "quicklook.png").exists() and (tmp_path / "b" / "landcover.qml").exists()
+
+
+def test_run_quicklook_draws_the_scene_without_decoding_it_again(tmp_path, tiny_models, small_scene, monkeypatch):
+    from geodino.cli import main
+    from geodino.scene import Scene
+
+    reads = []  # every pixel read goes through Scene._read
+    real = Scene._read
+    monkeypatch.setattr(Scene, "_read", lambda self, *a, **k: reads.append(1) or real(self, *a, **k))
+    args = ["run", str(small_scene.scene), "--backbone", tiny_models["backbone"], "--landcover-head",
+            tiny_models["landcover"], "--window", "128", "--overlap", "32", "--no-polygons"]
+    assert main([*args, "--out", str(tmp_path / "without"), "--no-quicklook"]) == 0
+    without = len(reads)
+    reads.clear()
+    assert main([*args, "--out", str(tmp_path / "with"), "--quicklook"]) == 0
+    assert (tmp_path / "with" / "quicklook.png").exists()
+    assert len(reads) == without  # the panel comes from the read the run made for its checks

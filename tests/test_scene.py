@@ -284,3 +284,31 @@ def test_block_cache_covers_a_window_row_of_strips(tmp_path, small_scene):
     finally:
         set_gdal_config("GDAL_CACHEMAX", _cache_max_bytes(before))
     assert _cache_max_bytes("16") == 16 * 2**20 and _cache_max_bytes("5%") is None
+
+
+def test_decimated_read_is_made_once_per_scene_and_stays_out_of_pickles(collar_scene, monkeypatch):
+    import pickle
+
+    from geodino.scene import Scene
+
+    scene = open_scene(collar_scene.scene)
+    reads = []  # every pixel read goes through Scene._read
+    real = Scene._read
+    monkeypatch.setattr(Scene, "_read", lambda self, *a, **k: reads.append(1) or real(self, *a, **k))
+    data, valid = scene.read_overview(200)
+    assert reads
+    n = len(reads)
+    again, again_valid = scene.read_overview(200)
+    assert len(reads) == n and again_valid is valid  # from the memo
+    np.testing.assert_array_equal(again, data)
+    assert again.dtype == np.float32 and again is not data  # values: a copy the caller may change
+    assert not valid.flags.writeable  # shared: nobody may change it
+    # a pickled scene (a dask task's argument) carries no pixels; its copy reads the same values
+    blob = pickle.dumps(scene)
+    assert len(blob) < 20_000
+    clone = pickle.loads(blob)
+    assert clone == scene
+    clone_data, clone_valid = clone.read_overview(200)
+    assert len(reads) == 2 * n
+    np.testing.assert_array_equal(clone_data, data)
+    np.testing.assert_array_equal(clone_valid, valid)

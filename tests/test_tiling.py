@@ -66,6 +66,23 @@ def test_blend_weights_taper_and_nodata():
     assert (w[:10] == 0).all() and (w[10:] > 0).all()
 
 
+def test_all_valid_windows_share_the_taper_and_its_coarse_form():
+    from geodino.tiling import coarse_taper, coarsen_weights
+
+    spec = WindowSpec(96, 32)
+    tiles = window_grid(300, 300, spec)
+    valid = np.ones((96, 96), bool)
+    for t in tiles:
+        taper = blend_weights(t, 300, 300, spec.overlap)
+        shared = blend_weights(t, 300, 300, spec.overlap, valid)
+        assert shared is taper and not shared.flags.writeable  # no copy, and nobody may change it
+        np.testing.assert_array_equal(shared, taper * valid)
+        coarse = coarse_taper(t, 300, 300, spec.overlap, 16)
+        np.testing.assert_array_equal(coarse, coarsen_weights(taper * valid, 16))
+        assert coarse.shape == (6, 6) and not coarse.flags.writeable
+    assert coarse_taper(tiles[4], 300, 300, 32, 16) is coarse_taper(tiles[4], 300, 300, 32, 16)
+
+
 def test_small_scene_is_one_reflect_padded_window(tmp_path):
     img = random_image(40, 50, 3, "uint8")
     scene, norm = prepare(open_scene(write_raster(tmp_path / "s.tif", img)), "rgb8", "web")

@@ -1,0 +1,155 @@
+"""Windows assembled from whole decoded source tiles, each tile decoded about once per run.
+
+Overlapping windows (512 px with a 448 px stride on 512 px tiles) touch every tile under
+two rows of windows, and GDAL's own unaligned multi-band read of a pixel-interleaved tile is
+slow even from its block cache: it copies band by band with a pixel stride (8192^2 uint8 RGB,
+361 windows: 2.9 CPU s, of which decoding every tile once is 0.6 s). Reading whole tiles
+(GDAL's fast, aligned path), keeping them in their own data type and cutting windows out of
+them with numpy took 0.9 s for the same windows. GDAL's block cache cannot stand in for this
+cache: it holds what the writers write too, so at geodino's 16 MB (see
+:mod:`geodino.runtime`) the tiles of the row above are gone when the next row of windows
+needs them; this cache holds only source tiles: the row of tiles two rows of windows share
+and the tiles of the windows being read.
+
+Only exact conversions take this path (uint8, int8, uint16, int16 and float32 to float32:
+the window is bit-identical to GDAL's read); warped scenes, mosaics (VRT documents) and
+other types read through GDAL as before.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+
+import numpy as np
+from rasterio.enums import ColorInterp, MaskFlags
+from rasterio.windows import Window
+
+EXACT_IN_FLOAT32 = ("uint8", "int8", "uint16", "int16", "float32")
+MAX_TILE_BYTES = 16 * 2**20  # one block larger than this (e.g. a whole-image strip): read through GDAL
+MAX_CACHE_BYTES = 256 * 2**20  # a scene so wide that its tiles under a window exceed this: read through GDAL
+MAX_PIECES = 64  # tiles (or strips) one window may span on this path
+
+
+class TileCache:
+    """Decoded tiles by (tile row, tile column), at most ``capacity`` of them, thread-safe.
+
+    When full, the tile first in raster order goes: windows are read row by row, so the
+    tiles above and to the left of the ones being read are those no window needs any more,
+    while the row of tiles that the next row of windows shares stays (LRU would need two rows
+    of tiles for that). Two threads that miss the same tile at once both decode it (rare,
+    and cheaper than making every reader wait while GDAL decodes). ``loads`` counts decodes.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.loads = 0
+        self._tiles: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, int], load: Callable[[], object], keep: bool = True):
+        with self._lock:
+            hit = self._tiles.get(key)
+        if hit is not None:
+            return hit
+        value = load()
+        with self._lock:
+            self.loads += 1
+            if keep:
+                self._tiles[key] = value
+                while len(self._tiles) > self.capacity:
+                    del self._tiles[min(self._tiles)]
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._tiles.clear()
+
+
+def all_valid(ds, bands) -> bool:
+    """Whether GDAL would report every pixel of ``bands`` valid: no nodata, mask or alpha.
+
+    Then ``read_masks`` only fills 255s, which callers can skip."""
+    if any(c == ColorInterp.alpha for c in ds.colorinterp):
+        return False
+    flags = ds.mask_flag_enums
+    return all(flags[b - 1] == [MaskFlags.all_valid] for b in bands)
+
+
+class TiledReader:
+    """Windows of one tiled, unwarped source cut from cached whole tiles (see the module notes).
+
+    ``valid_of(ds, window)``: the validity of a window as the caller defines it (used per
+    tile, and only when the file has a nodata value, a mask or an alpha band).
+    """
+
+    def __init__(self, ds, bands: tuple[int, ...], valid_of: Callable) -> None:
+        self.bands = bands
+        self.block = ds.block_shapes[bands[0] - 1]
+        self.height, self.width = ds.height, ds.width
+        self.dtype = np.dtype(ds.dtypes[bands[0] - 1])
+        self.all_valid = all_valid(ds, bands)
+        self.valid_of = valid_of
+        bh, bw = self.block
+        self.tile_bytes = bh * bw * (len(bands) * self.dtype.itemsize + (0 if self.all_valid else 1))
+        self.cache = TileCache(0)
+
+    @classmethod
+    def for_dataset(cls, ds, bands: tuple[int, ...], valid_of: Callable) -> TiledReader | None:
+        """A reader when ``ds`` qualifies (exact types, one block shape, blocks of sane size)."""
+        if any(ds.dtypes[b - 1] not in EXACT_IN_FLOAT32 for b in bands):
+            return None
+        if len({ds.dtypes[b - 1] for b in bands}) != 1 or len({ds.block_shapes[b - 1] for b in bands}) != 1:
+            return None
+        reader = cls(ds, bands, valid_of)
+        return reader if reader.tile_bytes <= MAX_TILE_BYTES else None
+
+    def fits(self, h: int, w: int) -> bool:
+        """Make room for windows of ``h`` x ``w``: a window's height of tile rows across the
+        scene (what the next row of windows shares with this one, at most) plus the tiles
+        of two windows (readers on two threads: measured, each tile is still decoded once
+        in a run); False when that would exceed
+        :data:`MAX_CACHE_BYTES` or a window spans more than :data:`MAX_PIECES` blocks."""
+        bh, bw = self.block
+        pieces = (math.ceil(h / bh) + 1) * (math.ceil(w / bw) + 1)
+        if pieces > MAX_PIECES:
+            return False  # thin strips or small tiles: a Python step per piece would cost more
+        per_row = math.ceil(self.width / bw)
+        needed = per_row * math.ceil(h / bh) + 2 * pieces
+        if needed * self.tile_bytes > MAX_CACHE_BYTES:
+            return False
+        self.cache.capacity = max(self.cache.capacity, needed)
+        return True
+
+    def _load(self, ds, tr: int, tc: int):
+        bh, bw = self.block
+        win = Window(tc * bw, tr * bh, min(bw, self.width - tc * bw), min(bh, self.height - tr * bh))
+        data = ds.read(self.bands, window=win)
+        valid = None if self.all_valid else self.valid_of(ds, window=win)
+        return data, valid
+
+    def read(self, ds, window: Window, out: np.ndarray, keep: bool = True) -> np.ndarray:
+        """Fill ``out`` (bands, h, w) float32 with ``window`` (inside the source); return its validity.
+
+        ``keep=False``: tiles read for this window only are not kept (a one-pass sweep)."""
+        r0, c0 = int(window.row_off), int(window.col_off)
+        h, w = int(window.height), int(window.width)
+        bh, bw = self.block
+        valid = np.ones((h, w), bool) if self.all_valid else np.empty((h, w), bool)
+        for tr in range(r0 // bh, (r0 + h - 1) // bh + 1):
+            ty = tr * bh
+            y0, y1 = max(r0, ty), min(r0 + h, ty + bh)
+            for tc in range(c0 // bw, (c0 + w - 1) // bw + 1):
+                tx = tc * bw
+                x0, x1 = max(c0, tx), min(c0 + w, tx + bw)
+                data, ok = self.cache.get((tr, tc), lambda tr=tr, tc=tc: self._load(ds, tr, tc), keep=keep)
+                src = (slice(y0 - ty, y1 - ty), slice(x0 - tx, x1 - tx))
+                dst = (slice(y0 - r0, y1 - r0), slice(x0 - c0, x1 - c0))
+                out[(slice(None),) + dst] = data[(slice(None),) + src]  # cast to float32: exact
+                if ok is not None:
+                    valid[dst] = ok[src]
+        return valid
+
+
+__all__ = ["EXACT_IN_FLOAT32", "TileCache", "TiledReader", "all_valid"]

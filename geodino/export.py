@@ -68,8 +68,8 @@ class RasterOutput:
                  classes: ClassTable | None = None, overview_resampling: str = "average", grid=None,
                  after=None, observers=()) -> None:
         self.path = Path(path)
-        # after(cog_path): work on the finished COG (still at its temporary path) that can run
-        # while other outputs are converted, e.g. polygons from a class raster
+        # after(cog_path): work on the finished COG (still at its temporary path) that runs
+        # beside the other outputs' afters, e.g. polygons from a class raster
         self.after = after
         # observer(block): called with each (band, rows, cols) block as it is written, e.g. to
         # build a report's statistics without reading the output back
@@ -183,7 +183,7 @@ def _writes_direct(out: RasterOutput, compress: str) -> bool:
 
 
 def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compress: str = "DEFLATE",
-                  intermediate_compress: str = "ZSTD") -> list[Path]:
+                  intermediate_compress: str = "ZSTD", beside=None) -> list[Path]:
     """Compute the lazy outputs together (each window inferred once) and export each as a COG.
 
     Blocks stream, row of blocks by row of blocks (:func:`geodino.stream.stream_blocks`), into
@@ -194,7 +194,9 @@ def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compr
     moving its tiles (:func:`geodino.cog.assemble_cog`): each tile is encoded once. Otherwise
     the file is a fast intermediate that GDAL's COG driver re-encodes. Outputs are finished
     side by side on threads and renamed into place when all are done. Any failure or
-    interrupt leaves nothing at the final paths.
+    interrupt leaves nothing at the final paths. Each output's ``after`` and ``beside`` (called
+    with {final path: finished file at its temporary path} for all outputs) run side by side
+    once every COG is finished, before anything is renamed into place.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -269,11 +271,15 @@ def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compr
                         with rasterio.open(source, "r+") as vrt:
                             _describe(vrt, out)
                     to_cog(source, final_tmp, resampling=out.overview_resampling, compress=compress, threads=threads)
-            if out.after is not None:
-                out.after(final_tmp)
 
-        with ThreadPoolExecutor(max(1, len(staged)), thread_name_prefix="geodino-cog") as pool:
-            jobs = [pool.submit(convert, *args) for args in zip(staged, pyramids, direct)]
+        with ThreadPoolExecutor(max(2, len(staged)), thread_name_prefix="geodino-cog") as pool:
+            for done in [pool.submit(convert, *args) for args in zip(staged, pyramids, direct)]:
+                done.result()
+            # work on the finished files (still at their temporary paths), side by side:
+            # e.g. polygons from the class COG while the quicklook draws from all of them
+            jobs = [pool.submit(out.after, final_tmp) for out, _, final_tmp in staged if out.after is not None]
+            if beside is not None:
+                jobs.append(pool.submit(beside, {out.path: final_tmp for out, _, final_tmp in staged}))
             for done in jobs:
                 done.result()
     return [o.path for o in outputs]

@@ -240,15 +240,19 @@ def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, 
     extras = [out / f"{r.path.stem}.qml" for r in rasters if r.path.stem in ("landcover", "canopy_height")]
     check_writable(extras + ([out / "quicklook.png"] if o.quicklook else []), overwrite)
     total = len(run.tiles)
+    beside = None
+    if o.quicklook:
+        # drawn from the finished COGs while the polygons are traced, put in place with them
+        beside = functools.partial(_quicklook, run=run, png=stack.enter_context(atomic_path(out / "quicklook.png")))
     start = time.perf_counter()
     with stack, Progress(f"{run.scene.name}", total=total, enabled=None if not quiet else False) as bar:
         run.hooks.append(bar.advance)
         try:
             with _scheduler(o):
-                write_rasters(rasters, overwrite=overwrite, compress=o.compress)
+                write_rasters(rasters, overwrite=overwrite, compress=o.compress, beside=beside)
         finally:
             run.hooks.remove(bar.advance)
-            run.scene.release_tiles()  # every window is read: free the source tiles before the quicklook
+            run.scene.release_tiles()  # every window is read (or the run failed): free the source tiles
     elapsed = time.perf_counter() - start
     outputs = {r.path.stem: str(r.path.name) for r in rasters}
     if polygons is not None:
@@ -264,10 +268,7 @@ def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, 
 
     outputs.update(style_outputs(out, run.classes, outputs))
     if o.quicklook:
-        from geodino.quicklook import quicklook
-
-        outputs["quicklook"] = quicklook(out, out / "quicklook.png", scene=run.scene,
-                                         stretch=(run.normalisation.lo, run.normalisation.hi)).name
+        outputs["quicklook"] = "quicklook.png"
     with stage("report"):
         report = make_report(run, out, elapsed, outputs, stats)
     if trees is not None:
@@ -276,6 +277,15 @@ def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, 
     with atomic_path(out / REPORT) as tmp:
         tmp.write_text(json.dumps(report, indent=2))
     return report
+
+
+def _quicklook(files: dict[Path, Path], *, run: SceneRun, png: Path) -> None:
+    from geodino.quicklook import quicklook
+
+    run.scene.release_tiles()  # every window is read: free the source tiles before drawing
+    with stage("quicklook"):
+        quicklook(png.parent, png, scene=run.scene, stretch=(run.normalisation.lo, run.normalisation.hi),
+                  files={final.stem: tmp for final, tmp in files.items()})
 
 
 def _polygons(cog: Path, *, staged: Path, classes: ClassTable, min_area: float) -> None:

@@ -10,6 +10,7 @@ small extents, degrees for geographic CRSs), and every function accepts ``ax=``.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -64,6 +65,8 @@ def _decimate(arr, max_size: int):
 
 
 def _output_file(source, name: str) -> Path | None:
+    if isinstance(source, Mapping):  # {output name: GeoTIFF}, e.g. a run's files before they are in place
+        return Path(source[name]) if name in source else None
     if not isinstance(source, (str, Path)):
         return None
     p = Path(source)
@@ -165,6 +168,8 @@ def _scene_reference(source):
     """(scene paths, 1-based bands, (lo, hi)) recorded by a run, or None."""
     import xarray as xr
 
+    if isinstance(source, Mapping):
+        return None
     if isinstance(source, xr.Dataset):
         meta = source.attrs
         if "scene_paths" not in meta:
@@ -368,6 +373,8 @@ def side_by_side(source, *, scene_source=None, stretch=None, max_size: int = MAX
                  pyplot: bool = True):
     """The scene, canopy height and land cover that ``source`` has, side by side on shared map axes.
 
+    ``source``: a run_scene Dataset, an output folder, or {output name: GeoTIFF} (e.g.
+    ``{"canopy_height": ..., "landcover": ...}``).
     ``scene_source``: where to read the scene when ``source`` does not record it (a scene file,
     DataArray or Scene; ``stretch`` its (lo, hi)). Returns the figure. ``pyplot=False``: a
     figure that pyplot does not manage (never shown, no close needed; for saving from any
@@ -403,6 +410,8 @@ def _has(source, name: str) -> bool:
     import xarray as xr
 
     if isinstance(source, xr.Dataset):
+        return name in source
+    if isinstance(source, Mapping):
         return name in source
     return isinstance(source, (str, Path)) and Path(source).is_dir() and (Path(source) / f"{name}.tif").exists()
 

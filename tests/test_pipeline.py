@@ -257,3 +257,42 @@ def test_demo_with_another_backbone_and_canopy_model(tmp_path, capsys):
     with rasterio.open(out / "embeddings.tif") as d:
         assert d.count == 64 and d.tags()["backbone"] == f"../{backbone.name}"  # relative to the output folder
     assert (out / "quicklook.png").exists()
+
+
+def test_quicklook_and_polygons_run_side_by_side_and_land_together(tmp_path, monkeypatch):
+    """The quicklook is drawn from the finished COGs at their temporary paths while the
+    polygons are traced; if the polygons fail, no COG, polygon file or quicklook is in place."""
+    import threading
+
+    import geodino.pipeline as pipeline
+    import geodino.quicklook
+
+    from geodino.pipeline import build_run, write_scene
+
+    drawn, tracing = [], threading.Event()
+    real_quicklook, real_polygons = geodino.quicklook.quicklook, pipeline._polygons
+
+    def spy_quicklook(out_dir, png, **kw):
+        assert tracing.wait(30)  # the polygons are being traced meanwhile
+        drawn.append(sorted(p.name for p in kw["files"].values()))
+        return real_quicklook(out_dir, png, **kw)
+
+    def slow_polygons(cog, **kw):
+        tracing.set()
+        return real_polygons(cog, **kw)
+
+    monkeypatch.setattr(geodino.quicklook, "quicklook", spy_quicklook)
+    monkeypatch.setattr(pipeline, "_polygons", slow_polygons)
+    opts = _demo_options(window=128, overlap=32)
+    write_scene(build_run(str(SAMPLE), opts), tmp_path / "ok", quiet=True)
+    assert len(drawn) == 1 and all(".partial-" in name for name in drawn[0])
+    assert (tmp_path / "ok" / "quicklook.png").read_bytes()[:4] == b"\x89PNG"
+
+    def failing_polygons(cog, **kw):
+        raise RuntimeError("disk full while tracing")
+
+    monkeypatch.setattr(pipeline, "_polygons", failing_polygons)
+    monkeypatch.setattr(geodino.quicklook, "quicklook", real_quicklook)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_scene(build_run(str(SAMPLE), opts), tmp_path / "failed", quiet=True)
+    assert sorted(p.name for p in (tmp_path / "failed").iterdir()) == []

@@ -603,7 +603,16 @@ def _require_overlap(ds, grid: Grid, label: str) -> None:
 
 
 def require_valid_pixels(scene: Scene) -> float:
-    """The valid fraction of the scene (from a decimated read); an error if there is none."""
+    """The valid fraction of the scene (from a decimated read); an error if there is none.
+
+    A single integer file read on its own grid with no nodata, mask or alpha has only valid
+    pixels: that needs no read (the decimated one decodes every tile of the scene, alone
+    before any window can start).
+    """
+    if not scene.warped and scene.source == scene.paths[0] and np.issubdtype(np.dtype(scene.dtype), np.integer):
+        with rasterio.open(scene.source) as ds:
+            if all_valid(ds, scene.bands):
+                return 1.0
     _, valid = scene.read_overview(OVERVIEW_SIZE)
     if not valid.any():
         # a decimated read can miss slivers: confirm at full resolution, strip by strip

@@ -210,6 +210,26 @@ def test_all_nodata_scene(tmp_path):
         require_valid_pixels(open_scene(p))
 
 
+def test_a_scene_that_cannot_hold_nodata_is_not_read_to_check_it(tmp_path, monkeypatch):
+    """Integer pixels with no nodata, mask or alpha are all valid: the check reads nothing
+    (its decimated read decodes the whole scene before any window starts). A scene that can
+    hold nodata is still read, and one that is all nodata is still refused."""
+    from geodino.scene import Scene
+
+    reads = []
+    real = Scene._read
+    monkeypatch.setattr(Scene, "_read", lambda self, *a, **k: reads.append(1) or real(self, *a, **k))
+    plain = write_raster(tmp_path / "plain.tif", random_image(64, 64))
+    assert require_valid_pixels(open_scene(plain)) == 1.0 and not reads
+    some = np.ones((3, 64, 64), np.uint8)
+    some[:, :32] = 0
+    half = write_raster(tmp_path / "half.tif", some, nodata=0)
+    assert require_valid_pixels(open_scene(half)) == pytest.approx(0.5) and reads
+    warped = open_scene(plain, target_gsd=2 * open_scene(plain).grid.transform.a)
+    reads.clear()
+    assert require_valid_pixels(warped) > 0 and reads  # a warped grid may reach past the file
+
+
 def test_zero_size_scene(tmp_path):
     vrt = tmp_path / "zero.vrt"
     vrt.write_text('<VRTDataset rasterXSize="0" rasterYSize="0"><SRS>EPSG:32633</SRS>'

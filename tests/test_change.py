@@ -359,11 +359,40 @@ def test_common_grid_from_target_gsd_or_a_grid_file(pair, tiny_models, tmp_path)
     # --grid: another extent and pixel size, e.g. a reference map's
     target = write_raster(tmp_path / "grid.tif", np.zeros((1, 100, 90), np.uint8), crs="EPSG:32737",
                           transform=Affine(0.9, 0, 300030.0, 0, -0.9, 9699970.0))
-    run = _build([pair.before.scene, pair.after.scene], _options(tiny_models), grid=target)
+    with warnings.catch_warnings():  # too small to verify the co-registration: tested below
+        warnings.simplefilter("ignore")
+        run = _build([pair.before.scene, pair.after.scene], _options(tiny_models), grid=target)
     for r in run.runs:
         assert (r.scene.grid.transform, r.scene.grid.width, r.scene.grid.height) == (
             Affine(0.9, 0, 300030.0, 0, -0.9, 9699970.0), 90, 100)
     assert run.dataset.canopy_change.shape == (1, 100, 90)
+
+
+def test_coregistration_on_small_resampled_grids_raises_no_false_alarm(pair, tiny_models, tmp_path):
+    """A co-registered pair resampled to a small grid is not called mis-registered (it was: 3.2 px
+    at --target-gsd 1.2, 14.4 px on a 90 x 100 --grid), while a real shift there still is."""
+    from geodino.change_run import ChangeWarning
+    from tests.helpers import write_raster
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ChangeWarning)
+        run = _build([pair.before.scene, pair.after.scene], _options(tiny_models, target_gsd=1.2))
+    c = run.coregistration[0]
+    assert c.verified and c.ok and c.magnitude < 0.5 and c.windows >= 3 and not run.warnings
+    shifted = _copy(pair.after.scene, tmp_path / "shifted.tif")
+    with rasterio.open(shifted, "r+") as dst:  # 2 rows up, 3 columns right at 0.6 m: -1, +1.5 px at 1.2 m
+        dst.transform = dst.transform * Affine.translation(3, -2)
+    with pytest.warns(ChangeWarning, match="not co-registered"):
+        run = _build([pair.before.scene, shifted], _options(tiny_models, target_gsd=1.2))
+    c = run.coregistration[0]
+    assert c.verified and not c.ok and abs(c.dy + 1) < 0.3 and abs(c.dx - 1.5) < 0.3
+    # 90 x 100 pixels, much of it the clear-cut: too little to tell; said so, not called a shift
+    target = write_raster(tmp_path / "grid.tif", np.zeros((1, 100, 90), np.uint8), crs="EPSG:32737",
+                          transform=Affine(0.9, 0, 300030.0, 0, -0.9, 9699970.0))
+    with pytest.warns(ChangeWarning, match="could not be verified"):
+        run = _build([pair.before.scene, pair.after.scene], _options(tiny_models), grid=target)
+    assert not any("not co-registered" in w for w in run.warnings)
+    assert run.coregistration[0].to_dict()["ok"] is None and not run.coregistration[0].verified
 
 
 def test_python_api_is_lazy_and_crs_aware(pair, tiny_models):

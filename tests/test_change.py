@@ -291,8 +291,9 @@ def test_polygons_do_not_depend_on_strip_height(pair, cli_out, monkeypatch):
     from geodino.classes import WORLDCOVER
 
     steps = [cv.Step(1, "2021-06-14", "2024-06-20")]
-    kw = {"canopy": cli_out / "canopy_change.tif", "transitions": cli_out / "landcover_transition.tif",
-              "classes": WORLDCOVER, "min_height_change": 5.0}
+    kw = {"canopy": cli_out / "canopy_change.tif", "canopy_classes": cli_out / "canopy_change_class.tif",
+          "transitions": cli_out / "landcover_transition.tif",
+          "classes": WORLDCOVER}
     whole = cv.change_polygons(steps, **kw)
     monkeypatch.setattr(cv, "STRIP_ROWS", 37)  # regions cut by many strip borders are merged back
     strips = cv.change_polygons(steps, **kw)

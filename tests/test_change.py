@@ -409,6 +409,107 @@ def test_python_api_is_lazy_and_crs_aware(pair, tiny_models):
 
 
 # --------------------------------------------------------------------------------------
+# what counts as canopy loss; radiometry between dates
+
+
+def test_canopy_change_classes_loss_partial_gain_nodata():
+    from geodino.change_maps import GAIN, LOSS, NO_CHANGE, PARTIAL_LOSS, canopy_change_classes
+
+    before = np.array([[20.0, 20.0, 20.0, 3.0, 10.0, np.nan, 20.0, 6.0]], np.float32)
+    after = np.array([[0.5, 1.99, 2.0, 9.0, 6.0, 1.0, np.nan, 0.0]], np.float32)
+    heights = [dask.array.from_array(h, chunks=(1, 4)) for h in (before, after)]
+    codes = canopy_change_classes(heights, [(0, 1)], 5.0, 2.0).compute()[0, 0]
+    # fell to a gap / to 1.99 m: loss; to 2.0 m: a canopy left; +6 m: gain; -4 m: no change; NaN: nodata;
+    # 6 -> 0 m: loss (a fall of exactly 6 m to the ground)
+    assert codes.tolist() == [LOSS, LOSS, PARTIAL_LOSS, GAIN, NO_CHANGE, 0, 0, LOSS]
+    swapped = canopy_change_classes(heights[::-1], [(0, 1)], 5.0, 2.0).compute()[0, 0]
+    assert swapped.tolist()[:4] == [GAIN, GAIN, GAIN, PARTIAL_LOSS]  # regrowth from a gap is gain
+    assert canopy_change_classes(heights, [(0, 1)], 5.0, 0.0).compute()[0, 0, 0] == PARTIAL_LOSS  # gap 0: none
+    from geodino.change_maps import check_thresholds
+
+    for bad in ((0.0, 2.0), (5.0, -1.0), (float("nan"), 2.0)):
+        with pytest.raises(GeodinoError):
+            check_thresholds(*bad)
+
+
+def test_clearcut_is_canopy_loss_and_trees_beside_it_are_not(pair, cli_out):
+    """Canopy loss is the clear-cut, not the trees beside it that the model draws lower (the
+    "any fall of 5 m" rule counted those, and the other sun's and radiometry's effect, as loss)."""
+    from scipy.ndimage import binary_dilation
+
+    from geodino.change_maps import CANOPY_CHANGE_CLASSES, LOSS, PARTIAL_LOSS
+    from geodino.synth import TREE, landcover_at
+    from geodino.synth_change import CLEARCUT, UNCHANGED
+
+    with rasterio.open(cli_out / "canopy_change_class.tif") as src:
+        assert cog_validate(str(cli_out / "canopy_change_class.tif"))[0]
+        codes = src.read(1)
+        names = src.tags(1)["CATEGORY_NAMES"].split(";")
+        assert [names[c] for c in CANOPY_CHANGE_CLASSES.codes] == list(CANOPY_CHANGE_CLASSES.names)
+        assert src.tags()["gap_height_m"] == "2.0" and src.colormap(1)[LOSS][:3] == (215, 25, 28)
+    with rasterio.open(pair.truth_change) as src:
+        truth = src.read(1)
+    gy, gx = np.meshgrid(np.arange(truth.shape[0]) + 0.5, np.arange(truth.shape[1]) + 0.5, indexing="ij")
+    cut = truth == CLEARCUT
+    with rasterio.open(cli_out / "canopy_change.tif") as src:
+        dh = src.read(1)
+    forest = (truth == UNCHANGED) & (landcover_at(4, gy, gx) == TREE)
+    beside = binary_dilation(cut, iterations=16) & ~cut & forest
+    assert beside.sum() > 500 and (codes[cut] == LOSS).mean() > 0.9
+    # 128-pixel windows on a small scene: the model still draws some trees beside the cut down to
+    # the ground, but far fewer count as loss than under the any-fall rule (0.25 -> 0.13 of the forest)
+    with np.errstate(invalid="ignore"):
+        any_fall = dh <= -5
+    assert (codes[forest] == LOSS).mean() < 0.6 * any_fall[forest].mean()
+    assert (codes[beside] == LOSS).mean() < 0.75 * any_fall[beside].mean()
+    assert (codes[beside] == PARTIAL_LOSS).mean() > 0.1
+    report = json.loads((cli_out / "report.json").read_text())
+    assert "to below 2 m" in report["canopy_classes"]["canopy loss"] and report["gap_height_m"] == 2.0
+    canopy = report["steps"][0]["canopy"]
+    assert canopy["partial_loss_area_m2"] > 0 and canopy["mean_loss_m"] <= -5
+    import geopandas as gpd
+
+    gdf = gpd.read_file(cli_out / "change.gpkg")
+    assert {"canopy loss", "partial canopy loss"} <= set(gdf["type"])
+
+
+def test_a_pure_radiometric_difference_is_not_canopy_change(pair, tmp_path):
+    """The same ground with another gain and offset (sun, atmosphere) is matched back: the model
+    sees nearly the same input and the change is nearly zero; without the match it is not."""
+    from geodino.change_run import build_change
+    from geodino.options import load_pipeline
+
+    brighter = tmp_path / "brighter.tif"
+    with rasterio.open(pair.before.scene) as src:
+        data, profile, tags = src.read().astype(np.float64), src.profile, src.tags()
+    gain, offset = np.array([1.05, 1.04, 1.06, 0.97]), np.array([20.0, 15.0, 25.0, -30.0])
+    with rasterio.open(brighter, "w", **profile) as dst:
+        dst.write(np.round(data * gain[:, None, None] + offset[:, None, None]).astype(profile["dtype"]))
+        dst.update_tags(**tags)
+    options = replace_options(load_pipeline(DEMO), window=128, overlap=32)
+    matched = build_change([pair.before.scene, brighter], options, dates=["2020-01-01", "2021-01-01"])
+    m = matched.radiometry[0]
+    assert m.applied and np.allclose(m.gain, gain[[2, 1, 0]], atol=0.01) and np.allclose(m.offset, offset[[2, 1, 0]],
+                                                                                           atol=4)
+    raw = build_change([pair.before.scene, brighter], options, dates=["2020-01-01", "2021-01-01"],
+                       radiometric_match=False)
+    assert raw.radiometry == []
+    dh_matched = np.abs(matched.dataset.canopy_change.values[0])
+    dh_raw = np.abs(raw.dataset.canopy_change.values[0])
+    # measured: mean |change| 0.40 m unmatched (up to 6.2 m: "loss" and "gain"), 0.0015 m matched
+    assert np.nanmean(dh_raw) > 0.2 and np.nanmax(dh_raw) > 5.0
+    assert np.nanmean(dh_matched) < 0.02 * np.nanmean(dh_raw) and np.nanmax(dh_matched) < 0.5
+    with rasterio.open(pair.before.scene) as src:  # the first date's own normalisation moved to the mean radiometry
+        assert matched.runs[0].normalisation.lo != (0.0, 0.0, 0.0) and src.count == 4
+
+
+def replace_options(options, **kw):
+    from dataclasses import replace
+
+    return replace(options, **kw)
+
+
+# --------------------------------------------------------------------------------------
 # the synthetic pair
 
 

@@ -6,8 +6,9 @@ Each size runs in a fresh interpreter (bundled demo model, pipelines/demo.yaml, 
 synthetic pair of bench/change.py). A sampler thread reads the process's resident set size
 every 50 ms and keeps the maximum per stage: ``build`` (opening both dates, the radiometric
 match and the co-registration check), ``rasters`` (the streamed pass that infers both dates
-and writes the change COGs), ``polygons`` (the vector step) and ``report`` (summaries and the
-transition matrix); ``peak_rss_mb`` is the process's own high-water mark. Prints JSON.
+and writes the change COGs), ``report`` (summaries and the transition matrix), ``polygons``
+(the vector step) and the rest of writing (the GeoPackage, report.json); ``peak_rss_mb`` is
+the process's own high-water mark. Prints JSON.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def staged(name, fn):
             stage[0] = previous
     return wrapper
 
+cw.write_change = staged("write (the rest: GeoPackage, report)", cw.write_change)
 cw.write_rasters = staged("rasters", cw.write_rasters)
 cw.change_polygons = staged("polygons", cw.change_polygons)
 cw._report = staged("report", cw._report)

@@ -6,7 +6,9 @@
 - :func:`transition_matrix`: pixels per (from, to) class pair over valid pixels.
 - :func:`canopy_summary`, :func:`embedding_summary`: figures for the report.
 
-Rasters are read in strips of rows (memory bounded by the scene's width). Regions are
+Rasters are read in strips of rows, at most about a million pixels each (memory bounded
+whatever the scene's width); regions inside a strip below the minimum area are dropped as
+they are found. Regions are
 labelled with ``skimage.measure.label`` and traced with ``rasterio.features.shapes`` on the
 same 4-connectivity; pieces cut by a strip border are merged with their neighbours of the
 same kind (dissolve, then explode) and their pixel statistics summed, so a region crossing
@@ -32,7 +34,9 @@ from geodino.change_maps import (
 )
 from geodino.classes import ClassTable
 
-STRIP_ROWS = 512  # rows read at a time: memory of the vector step grows with width x STRIP_ROWS
+STRIP_ROWS = 512  # rows read at a time, at most ...
+STRIP_PIXELS = 2048 * 512  # ... and fewer on wide scenes, so that a strip's arrays do not grow with the width
+MIN_STRIP_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,15 @@ class Step:
         return f"{self.date_from} -> {self.date_to}"
 
 
+def _strip_rows(width: int) -> int:
+    if width * STRIP_ROWS <= STRIP_PIXELS:
+        return STRIP_ROWS
+    return max(MIN_STRIP_ROWS, STRIP_PIXELS // width)
+
+
 def _strips(src) -> list[Window]:
-    return [Window(0, r, src.width, min(STRIP_ROWS, src.height - r)) for r in range(0, src.height, STRIP_ROWS)]
+    rows = _strip_rows(src.width)
+    return [Window(0, r, src.width, min(rows, src.height - r)) for r in range(0, src.height, rows)]
 
 
 def _pieces(labels: np.ndarray, values: np.ndarray | None, row0: int, first_row: bool, last_row: bool):
@@ -126,16 +137,24 @@ def _regions(pieces: list, crs):
                             crs=crs)
 
 
-def _vectorise(read, width: int, height: int, transform, crs):
+def _vectorise(read, width: int, height: int, transform, crs, min_area: float = 0.0):
+    """Regions of the whole raster, strip by strip. A region inside one strip that is smaller than
+    ``min_area`` m² is dropped at once (it can never grow): what is held is the polygons kept
+    and the pieces on strip borders, not every speck (139,000 pieces of land-cover transition,
+    most of a few pixels, were held at 8192², for 8,900 polygons of at least 10 m²)."""
     pieces = []
-    starts = list(range(0, height, STRIP_ROWS))
+    rows = _strip_rows(width)
+    starts = list(range(0, height, rows))
+    min_pixels = min_area / abs(transform.a * transform.e - transform.b * transform.d)
     for k, row in enumerate(starts):
-        h = min(STRIP_ROWS, height - row)
+        h = min(rows, height - row)
         win = Window(0, row, width, h)
         labels, values = read(win)
         if not labels.any():
             continue
-        pieces += _pieces(labels, values, row, k == 0, k == len(starts) - 1)
+        # columns of a piece: label, geometry, pixels, valued, sum, min, max, border
+        pieces += [p for p in _pieces(labels, values, row, k == 0, k == len(starts) - 1)
+                   if p[7] or p[2] >= min_pixels]
     regions = _regions(pieces, crs)
     # pixel (column, row) -> map coordinates
     regions["geometry"] = regions.geometry.affine_transform(
@@ -169,7 +188,7 @@ def change_polygons(steps: list[Step], *, canopy: Path | None, canopy_classes: P
                     lab[lab == NO_CHANGE] = 0
                     return lab, src.read(band, window=win)
 
-                gdf = _vectorise(read_canopy, ref.width, ref.height, ref.transform, ref.crs)
+                gdf = _vectorise(read_canopy, ref.width, ref.height, ref.transform, ref.crs, min_area)
                 names = {c.code: c.name for c in CANOPY_CHANGE_CLASSES.classes}
                 gdf["type"] = [names[int(c)] for c in gdf["label"]]
                 gdf["transition"] = ""
@@ -184,7 +203,7 @@ def change_polygons(steps: list[Step], *, canopy: Path | None, canopy_classes: P
                     dh = sources["canopy"].read(band, window=win) if "canopy" in sources else None
                     return lab, dh
 
-                gdf = _vectorise(read_transitions, ref.width, ref.height, ref.transform, ref.crs)
+                gdf = _vectorise(read_transitions, ref.width, ref.height, ref.transform, ref.crs, min_area)
                 names = {c.code: c.name for c in transition_table(classes).classes}
                 gdf["type"] = "land-cover transition"
                 gdf["transition"] = [names.get(int(c), "") for c in gdf["label"]]

@@ -18,8 +18,10 @@ How the fit is made (written here because no library we use does it on lazy scen
   trimming of the residuals (median absolute deviation): changed ground (a clear-cut, new
   roofs) falls out as outliers and the fit rests on pseudo-invariant blocks.
 
-On the synthetic pairs this recovers the true gain within 0.01-0.02 and offset within a few
-units. The fits are applied by changing each date's fixed normalisation (``lo``/``hi`` of
+On the synthetic pairs (gain 1.03-1.05, offset +15-25) the fitted gains are within
+0.01-0.02 of the true ones and the fitted lines within about 1% of the true lines over the
+forest's reflectances (gain and offset trade off; the other sun's deeper shadows are in the
+fit too, as they should be for the model's sake). The fits are applied by changing each date's fixed normalisation (``lo``/``hi`` of
 :class:`geodino.sensor.Normalisation`) so that every date lands on the dates' mean
 radiometry (:func:`common_normalisations`): one global linear map per date (DESIGN
 invariant 4), nothing per window.

@@ -304,6 +304,14 @@ def test_polygons_do_not_depend_on_strip_height(pair, cli_out, monkeypatch):
         gdf = gdf.assign(cx=gdf.centroid.x.round(3), cy=gdf.centroid.y.round(3))
         return gdf.sort_values(key).reset_index(drop=True)
 
+    # regions below --min-area are dropped as they are traced (unless cut by a strip border):
+    # the same polygons as filtering at the end, whatever the strips
+    for rows in (37, 512):
+        monkeypatch.setattr(cv, "STRIP_ROWS", rows)
+        kept = cv.change_polygons(steps, **kw, min_area=20.0)
+        assert len(kept) == (whole["area_m2"] >= 20.0).sum() and (kept["area_m2"] >= 20.0).all()
+    monkeypatch.setattr(cv, "STRIP_ROWS", 512)
+    assert cv._strip_rows(320) == 512 and cv._strip_rows(8192) == 128 and cv._strip_rows(10**6) == 64
     a, b = ordered(whole), ordered(strips)
     for col in ("type", "transition", "pixels"):
         assert list(a[col]) == list(b[col])
@@ -335,6 +343,8 @@ def test_series_has_a_band_per_step_and_first_to_last(pair, tiny_models, tmp_pat
     (["{before}", "{after}", "--dates", "2020-01-01"], "one per scene"),
     (["{before}", "{far}"], "does not overlap"),
     (["{before}", "{after}", "--grid", "{geographic}"], "projected CRS"),
+    (["{before}", "{after}", "--gap-height", "-1"], "--gap-height must be"),
+    (["{before}", "{after}", "--min-height-change", "0"], "--min-height-change must be"),
 ])
 def test_bad_input_is_a_clear_error(pair, tmp_path, capsys, args, message):
     from tests.helpers import random_image, write_raster
@@ -499,6 +509,15 @@ def test_a_pure_radiometric_difference_is_not_canopy_change(pair, tmp_path):
     # measured: mean |change| 0.40 m unmatched (up to 6.2 m: "loss" and "gain"), 0.0015 m matched
     assert np.nanmean(dh_raw) > 0.2 and np.nanmax(dh_raw) > 5.0
     assert np.nanmean(dh_matched) < 0.02 * np.nanmean(dh_raw) and np.nanmax(dh_matched) < 0.5
+    from geodino.change_maps import NO_CHANGE
+    from geodino.change_write import with_thresholds
+
+    finer = with_thresholds(raw, 0.5, None)  # other thresholds: the classes are remade, the rest kept
+    assert (finer.min_height_change, finer.gap_height) == (0.5, 2.0) and finer.runs is raw.runs
+    changed = lambda r: int((r.dataset.canopy_change_class.values[0] > NO_CHANGE).sum())
+    assert changed(finer) > changed(raw) and finer.dataset.canopy_change_class.attrs["min_height_change_m"] == 0.5
+    with pytest.raises(GeodinoError, match="gap-height"):
+        with_thresholds(raw, None, -1.0)
     with rasterio.open(pair.before.scene) as src:  # the first date's own normalisation moved to the mean radiometry
         assert matched.runs[0].normalisation.lo != (0.0, 0.0, 0.0) and src.count == 4
 

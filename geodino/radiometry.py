@@ -39,7 +39,7 @@ BLOCK = 16  # pixels per side of the aggregated pairs (one backbone patch)
 SAMPLE_WINDOW = 256
 SAMPLES_PER_SIDE = 8
 MIN_BLOCKS = 50
-GAIN_RANGE = (0.5, 2.0)  # outside: not a radiometric difference of the same ground; not applied
+GAIN_RANGE = (0.5, 2.0)  # gain relative to the dates' means; outside: not the same ground, not applied
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,11 @@ def _trimmed_rma(x: np.ndarray, y: np.ndarray, rounds: int = 5) -> tuple[float, 
 
 def match_radiometry(reference, moving) -> RadiometricMatch:
     """Fit ``moving``'s bands against ``reference``'s (two :class:`geodino.scene.Scene` on one grid,
-    the same bands selected)."""
+    the same bands selected).
+
+    A fit is refused when a gain is not positive or, relative to the dates' scales (gain x mean
+    of the first / mean of the later date), outside :data:`GAIN_RANGE`: a date in reflectance
+    0-1 against one in reflectance x 10000 is a plausible pair, a negative gain is not."""
     x, y = _samples(reference, moving)
     n = x.shape[1]
     identity = ((1.0,) * x.shape[0], (0.0,) * x.shape[0])
@@ -126,9 +130,11 @@ def match_radiometry(reference, moving) -> RadiometricMatch:
         offsets.append(o)
         kept.append(keep.mean())
     share = float(min(kept))
-    if not all(GAIN_RANGE[0] <= g <= GAIN_RANGE[1] for g in gains):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = list(np.asarray(gains) * x.mean(axis=1) / y.mean(axis=1))
+    if not all(g > 0 for g in gains) or not all(GAIN_RANGE[0] <= g <= GAIN_RANGE[1] for g in relative):
         return RadiometricMatch(tuple(gains), tuple(offsets), n, share, False,
-                                f"fitted gains {', '.join(f'{g:.2f}' for g in gains)} are outside "
+                                f"fitted gains {', '.join(f'{g:.2f}' for g in relative)} (relative to the dates' means) are outside "
                                 f"{GAIN_RANGE[0]}-{GAIN_RANGE[1]}: the dates do not look like one ground")
     return RadiometricMatch(tuple(gains), tuple(offsets), n, share, True)
 

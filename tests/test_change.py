@@ -522,6 +522,20 @@ def test_a_pure_radiometric_difference_is_not_canopy_change(pair, tmp_path):
         assert matched.runs[0].normalisation.lo != (0.0, 0.0, 0.0) and src.count == 4
 
 
+def test_radiometric_match_across_data_scales(pair, tiny_models, tmp_path):
+    """A later date delivered as float reflectance (0-1) against a first one in reflectance x 10000
+    is matched (its gain is judged in each date's own normalised units), not refused."""
+    scaled = tmp_path / "float.tif"
+    with rasterio.open(pair.after.scene) as src:
+        data, profile, tags = src.read().astype(np.float32) / 10000, src.profile, src.tags()
+    with rasterio.open(scaled, "w", **(profile | {"dtype": "float32", "predictor": 1})) as dst:
+        dst.write(data)
+        dst.update_tags(**tags)
+    run = _build([pair.before.scene, scaled], _options(tiny_models, profile="auto", bands=[3, 2, 1]))
+    m = run.radiometry[0]
+    assert m.applied and not run.warnings and all(1.0e-4 < g < 1.1e-4 for g in m.gain)
+
+
 def replace_options(options, **kw):
     from dataclasses import replace
 

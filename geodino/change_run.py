@@ -12,6 +12,7 @@ the report from the written rasters. The Python entry point is :func:`change`
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -180,7 +181,7 @@ def _dataset(run: ChangeRun) -> xr.Dataset:
                     date_sources=[d.source for d in run.dates], backbone=run.options.backbone,
                     window=run.options.window, overlap=run.options.overlap, geodino_version=geodino.__version__,
                     coregistration_shift_px=[list(c.to_dict()["shift_px"]) for c in run.coregistration],
-                    radiometric_match=[m.applied for m in run.radiometry],
+                    radiometric_match=json.dumps([m.to_dict() for m in run.radiometry]),
                     warnings=list(run.warnings))
     return ds
 

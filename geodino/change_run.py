@@ -154,7 +154,9 @@ def _dataset(run: ChangeRun) -> xr.Dataset:
             canopy_change(heights, run.steps), dims=("step", "y", "x"), coords={**step_coords, "y": y, "x": x},
             attrs={"units": "m", "long_name": "canopy height change (later minus earlier)"})
         variables["canopy_change_class"] = xr.DataArray(
-            canopy_change_classes(heights, run.steps, run.min_height_change, run.gap_height),
+            canopy_change_classes(heights, run.steps, run.min_height_change, run.gap_height,
+                                  labels=[d["landcover"].data for d in dsets] if "landcover" in first else None,
+                                  classes=run.runs[0].classes),
             dims=("step", "y", "x"), coords={**step_coords, "y": y, "x": x},
             attrs={"long_name": "canopy change class", "class_codes": list(CANOPY_CHANGE_CLASSES.codes),
                    "class_names": list(CANOPY_CHANGE_CLASSES.names), "_FillValue": 0,

@@ -23,6 +23,7 @@ from geodino.change_maps import (
     DEFAULT_MIN_HEIGHT_CHANGE,
     canopy_change_classes,
     check_thresholds,
+    tree_codes,
 )
 from geodino.change_run import ChangeRun
 from geodino.change_vectors import (
@@ -84,7 +85,9 @@ def with_thresholds(run: ChangeRun, min_height_change: float | None, gap_height:
     ds = run.dataset.copy()
     cls = ds["canopy_change_class"]
     heights = [ds["canopy_height"].data[k] for k in range(len(run.dates))]
-    ds["canopy_change_class"] = cls.copy(data=canopy_change_classes(heights, run.steps, mhc, gap))
+    labels = [ds["landcover"].data[k] for k in range(len(run.dates))] if "landcover" in ds else None
+    ds["canopy_change_class"] = cls.copy(data=canopy_change_classes(heights, run.steps, mhc, gap, labels=labels,
+                                                                    classes=run.runs[0].classes))
     ds["canopy_change_class"].attrs.update(min_height_change_m=mhc, gap_height_m=gap)
     return replace(run, dataset=ds, min_height_change=mhc, gap_height=gap)
 
@@ -189,12 +192,7 @@ def _report(run: ChangeRun, paths: dict, steps: list[Step], min_area: float) -> 
         "sensor_profiles": [r.normalisation.profile for r in run.runs], "window": o.window, "overlap": o.overlap,
         "windows": distinct_windows(run),
         "min_height_change_m": run.min_height_change, "gap_height_m": run.gap_height, "min_area_m2": min_area,
-        "canopy_classes": {
-            "canopy loss": f"height fell by >= {run.min_height_change:g} m to below {run.gap_height:g} m "
-                           "(canopy gone: clear-cut, windthrow, new gap)",
-            "partial canopy loss": f"height fell by >= {run.min_height_change:g} m, a canopy of "
-                                   f">= {run.gap_height:g} m left",
-            "canopy gain": f"height rose by >= {run.min_height_change:g} m"},
+        "canopy_classes": _class_definitions(run),
         "radiometric_match": [m.to_dict() for m in run.radiometry],
         "coregistration": [c.to_dict() for c in run.coregistration], "warnings": list(run.warnings),
         "steps": [],
@@ -223,6 +221,17 @@ def _report(run: ChangeRun, paths: dict, steps: list[Step], min_area: float) -> 
     if matrices:
         _write_matrices(run, paths, matrices)
     return report
+
+
+def _class_definitions(run: ChangeRun) -> dict:
+    trees = tree_codes(run.runs[0].classes) if "landcover" in run.dataset else ()
+    names = [c.name for c in run.runs[0].classes.classes if c.code in trees] if trees else []
+    cover = f" and the later land cover is no longer {' / '.join(names)}" if trees else ""
+    return {"canopy loss": f"height fell by >= {run.min_height_change:g} m to below {run.gap_height:g} m{cover} "
+                           "(canopy gone: clear-cut, windthrow, new gap)",
+            "partial canopy loss": f"any other fall of >= {run.min_height_change:g} m (a canopy left, or trees "
+                                   "still seen)",
+            "canopy gain": f"height rose by >= {run.min_height_change:g} m"}
 
 
 def _write_matrices(run: ChangeRun, paths: dict, matrices: list) -> None:

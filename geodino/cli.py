@@ -173,7 +173,8 @@ def change(
     grid: Optional[Path] = typer.Option(None, help="Raster whose grid every date is warped onto (default: the first scene's)"),
     min_height_change: float = typer.Option(5.0, help="Canopy loss/gain where the height changed by at least this (m)"),
     gap_height: float = typer.Option(2.0, help="Canopy loss means the height fell by --min-height-change to below this "
-                                     "(m; canopy gone); a fall that leaves a taller canopy is partial canopy loss"),
+                                     "(m) and, with a land-cover head, the later land cover is no longer tree cover "
+                                     "(canopy gone); any other such fall is partial canopy loss"),
     radiometric_match: bool = typer.Option(True, "--radiometric-match/--no-radiometric-match",
                                            help="Map the dates onto their mean radiometry first (per-band gain and "
                                                 "offset fitted on unchanged ground)"),

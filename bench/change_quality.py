@@ -1,8 +1,9 @@
 """Detection quality of `geodino change` on the synthetic pair (`geodino synth --change`), with baselines.
 
 Runs the change pipeline with the bundled demo model (pipelines/demo.yaml) on a synthetic
-pair with known truth and measures, for canopy loss (change <= -5 m, polygons of at least
---min-area m²):
+pair with known truth and measures, for canopy loss (the "canopy loss" polygons of
+change.gpkg: height fell by >= 5 m to below the 2 m gap height, after the dates' radiometric
+match; polygons of at least --min-area m²):
 
 - clear-cut area: total area of the loss polygons / the truth clear-cut area (target 0.85-1.15);
 - loss-polygon IoU with the truth clear-cut (target >= 0.6);
@@ -11,7 +12,9 @@ pair with known truth and measures, for canopy loss (change <= -5 m, polygons of
 
 Baselines on the same pair: no change at all; NDVI differencing (loss where NDVI drops by more
 than 0.2, regions under --min-area dropped), the usual label-free method; and an oracle that
-applies the same -5 m rule to the *true* canopy heights (what perfect height maps would give).
+applies the same -5 m rule to the *true* canopy heights (what perfect height maps would give);
+and the previous rule on geodino's own change raster (any fall of 5 m counted as loss, the
+same min-area), for comparison. ``--no-radiometric-match`` runs the ablation.
 
     python bench/change_quality.py --size 2048 --seed 4
 """
@@ -60,7 +63,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=4)
     parser.add_argument("--min-area", type=float, default=50.0, help="m²; polygons and baseline regions smaller are dropped")
-    parser.add_argument("--work", type=Path, default=None, help="keep the pair and outputs here")
+    parser.add_argument("--work", type=Path, default=None, help="keep the pair and outputs here (a pair already "
+                        "there is reused)")
+    parser.add_argument("--no-radiometric-match", action="store_true", help="ablation: dates as they are")
     args = parser.parse_args()
 
     from geodino.change_run import build_change
@@ -71,14 +76,23 @@ def main() -> None:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="geodino-change-quality-"))
     cfg = SynthConfig(width=args.size, height=args.size, seed=args.seed, nodata_collar=True)
-    pair = generate_pair(work / "pair", cfg, overwrite=True)
+    pair_dir = work / "pair"
+    if (pair_dir / "truth_canopy_change.tif").exists() and (pair_dir / "pair.json").exists() \
+            and json.loads((pair_dir / "pair.json").read_text()) == {"size": args.size, "seed": args.seed}:
+        before, after = pair_dir / "before" / "scene.tif", pair_dir / "after" / "scene.tif"
+        truth_change, truth_chm = pair_dir / "truth_change.tif", pair_dir / "truth_canopy_change.tif"
+    else:
+        pair = generate_pair(pair_dir, cfg, overwrite=True)
+        before, after, truth_change, truth_chm = pair.before.scene, pair.after.scene, pair.truth_change, \
+            pair.truth_canopy_change
+        (pair_dir / "pair.json").write_text(json.dumps({"size": args.size, "seed": args.seed}))
     options = load_pipeline(REPO / "pipelines" / "demo.yaml")
     t0 = time.perf_counter()
-    run = build_change([pair.before.scene, pair.after.scene], options)
+    run = build_change([before, after], options, radiometric_match=not args.no_radiometric_match)
     report = write_change(run, work / "out", min_area=args.min_area, overwrite=True, quiet=True)
     seconds = time.perf_counter() - t0
 
-    with rasterio.open(pair.truth_change) as src:
+    with rasterio.open(truth_change) as src:
         codes = src.read(1)
         transform, shape = src.transform, (src.height, src.width)
         px = abs(transform.a * transform.e)
@@ -94,20 +108,28 @@ def main() -> None:
     valid = codes > 0
     min_px = args.min_area / px
 
-    ndvi_a, ok_a = _ndvi(pair.before.scene)
-    ndvi_b, ok_b = _ndvi(pair.after.scene)
+    ndvi_a, ok_a = _ndvi(before)
+    ndvi_b, ok_b = _ndvi(after)
     ndvi_loss = _drop_small((ndvi_b - ndvi_a < -0.2) & ok_a & ok_b & valid, min_px)
-    with rasterio.open(pair.truth_canopy_change) as src:
+    with rasterio.open(truth_chm) as src:
         true_dh = src.read(1)
+    with rasterio.open(work / "out" / "canopy_change.tif") as src:
+        own_dh = src.read(1)
     with np.errstate(invalid="ignore"):
         oracle = _drop_small((true_dh <= -5.0) & valid, min_px)
+        any_fall = _drop_small((own_dh <= -5.0) & valid, min_px)
+    canopy = report["steps"][0]["canopy"]
 
     print(json.dumps({
         "scene": {"size": args.size, "seed": args.seed, "gsd_m": cfg.gsd, "pixel_area_m2": px,
                   "truth_clearcut_m2": round(float(truth["clearcut"].sum() * px), 1),
                   "truth_unchanged_forest_m2": round(float(truth["unchanged_forest"].sum() * px), 1)},
         "model": "bundled demo model (pipelines/demo.yaml)", "min_height_change_m": 5.0, "min_area_m2": args.min_area,
+        "radiometric_match": report["radiometric_match"],
         "geodino_change": _scores(predicted & valid, truth, px),
+        "partial_loss_area_m2": round(canopy["partial_loss_area_m2"], 1),
+        "gain_area_m2": round(canopy["gain_area_m2"], 1),
+        "previous_rule_any_fall_of_5m": _scores(any_fall, truth, px),
         "baseline_no_change": _scores(np.zeros(shape, bool), truth, px),
         "baseline_ndvi_drop_0.2": _scores(ndvi_loss, truth, px),
         "oracle_true_heights": _scores(oracle, truth, px),

@@ -12,6 +12,7 @@ the report from the written rasters. The Python entry point is :func:`change`
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -22,8 +23,13 @@ import xarray as xr
 
 import geodino
 from geodino.change_maps import (
+    CANOPY_CHANGE_CLASSES,
+    DEFAULT_GAP_HEIGHT,
+    DEFAULT_MIN_HEIGHT_CHANGE,
     canopy_change,
+    canopy_change_classes,
     change_steps,
+    check_thresholds,
     embedding_change,
     landcover_transitions,
     transition_table,
@@ -34,6 +40,7 @@ from geodino.dates import SceneDate, order_warning, scene_dates
 from geodino.errors import InputError
 from geodino.options import RunOptions
 from geodino.pipeline import SceneRun, build_run
+from geodino.radiometry import RadiometricMatch, common_normalisations, match_radiometry
 from geodino.scene import Grid
 
 
@@ -53,6 +60,9 @@ class ChangeRun:
     coregistration: list[Coregistration]
     transitions: ClassTable | None = None
     warnings: list[str] = field(default_factory=list)
+    radiometry: list[RadiometricMatch] = field(default_factory=list)
+    min_height_change: float = DEFAULT_MIN_HEIGHT_CHANGE
+    gap_height: float = DEFAULT_GAP_HEIGHT
 
     @property
     def grid(self) -> Grid:
@@ -77,8 +87,16 @@ def grid_of(path: str | Path) -> Grid:
 
 
 def build_change(scenes: Sequence[str | Path], options: RunOptions, *, dates: Sequence[str] | None = None,
-                 grid: Grid | str | Path | None = None, progress=None) -> ChangeRun:
-    """Build the lazy change run of ``scenes`` (two or more dates, in the order given)."""
+                 grid: Grid | str | Path | None = None, progress=None, radiometric_match: bool = True,
+                 min_height_change: float = DEFAULT_MIN_HEIGHT_CHANGE, gap_height: float = DEFAULT_GAP_HEIGHT
+                 ) -> ChangeRun:
+    """Build the lazy change run of ``scenes`` (two or more dates, in the order given).
+
+    ``radiometric_match``: map every date onto the dates' mean radiometry first
+    (:mod:`geodino.radiometry`). ``min_height_change`` and ``gap_height`` (m) define the canopy
+    change classes (:func:`geodino.change_maps.canopy_change_classes`).
+    """
+    check_thresholds(min_height_change, gap_height)
     scenes = [str(s) for s in scenes]
     if len(scenes) < 2:
         raise InputError(f"change needs at least two scenes (dates), got {len(scenes)}")
@@ -92,16 +110,28 @@ def build_change(scenes: Sequence[str | Path], options: RunOptions, *, dates: Se
         raise InputError(f"{scenes[0]}: the processing grid is in {common.crs.to_string()}; change areas need a "
                          "projected CRS (pass --grid with a projected raster)")
     runs = [first] + [build_run(s, opts, progress, grid=common) for s in scenes[1:]]
+    matches = []
+    if radiometric_match:
+        matches = [match_radiometry(first.scene, r.scene) for r in runs[1:]]
+        norms = common_normalisations(first.normalisation, [r.normalisation for r in runs], matches)
+        if any(n != r.normalisation for n, r in zip(norms, runs)):  # rebuilt on the common radiometry
+            runs = [build_run(s, opts, progress, grid=grid if k == 0 else common,
+                              adjust_normalisation=lambda scene, norm, n=norms[k]: n)
+                    for k, s in enumerate(scenes)]
+            first = runs[0]
     coreg = [check_coregistration(first.scene, r.scene, reference_name=f"{labels[0].label} ({scenes[0]})",
                                   moving_name=f"{labels[k].label} ({scenes[k]})")
              for k, r in enumerate(runs) if k > 0]
     notes = [c.warning for c in coreg if c.warning]
+    notes += [f"radiometry of {labels[k + 1].label} not matched to {labels[0].label}: {m.reason}"
+              for k, m in enumerate(matches) if not m.applied]
     if order_warning(labels):
         notes.append(order_warning(labels))
     for note in notes:
         warnings.warn(note, ChangeWarning, stacklevel=2)
     steps = change_steps(len(scenes))
-    run = ChangeRun(xr.Dataset(), runs, labels, steps, opts, coreg, warnings=notes)
+    run = ChangeRun(xr.Dataset(), runs, labels, steps, opts, coreg, warnings=notes, radiometry=matches,
+                    min_height_change=min_height_change, gap_height=gap_height)
     run.transitions = transition_table(first.classes) if first.classes is not None else None
     run.dataset = _dataset(run)
     return run
@@ -123,6 +153,14 @@ def _dataset(run: ChangeRun) -> xr.Dataset:
         variables["canopy_change"] = xr.DataArray(
             canopy_change(heights, run.steps), dims=("step", "y", "x"), coords={**step_coords, "y": y, "x": x},
             attrs={"units": "m", "long_name": "canopy height change (later minus earlier)"})
+        variables["canopy_change_class"] = xr.DataArray(
+            canopy_change_classes(heights, run.steps, run.min_height_change, run.gap_height,
+                                  labels=[d["landcover"].data for d in dsets] if "landcover" in first else None,
+                                  classes=run.runs[0].classes),
+            dims=("step", "y", "x"), coords={**step_coords, "y": y, "x": x},
+            attrs={"long_name": "canopy change class", "class_codes": list(CANOPY_CHANGE_CLASSES.codes),
+                   "class_names": list(CANOPY_CHANGE_CLASSES.names), "_FillValue": 0,
+                   "min_height_change_m": run.min_height_change, "gap_height_m": run.gap_height})
     if "landcover" in first:
         labels = [d["landcover"].data for d in dsets]
         classes = run.runs[0].classes
@@ -145,23 +183,27 @@ def _dataset(run: ChangeRun) -> xr.Dataset:
                     date_sources=[d.source for d in run.dates], backbone=run.options.backbone,
                     window=run.options.window, overlap=run.options.overlap, geodino_version=geodino.__version__,
                     coregistration_shift_px=[list(c.to_dict()["shift_px"]) for c in run.coregistration],
+                    radiometric_match=json.dumps([m.to_dict() for m in run.radiometry]),
                     warnings=list(run.warnings))
     return ds
 
 
 def change(scenes: Sequence[str | Path], *, backbone: str, canopy_head: str | None = None,
            landcover_head: str | None = None, dates: Sequence[str] | None = None,
-           grid: Grid | str | Path | None = None, **options) -> xr.Dataset:
+           grid: Grid | str | Path | None = None, radiometric_match: bool = True,
+           min_height_change: float = DEFAULT_MIN_HEIGHT_CHANGE, gap_height: float = DEFAULT_GAP_HEIGHT,
+           **options) -> xr.Dataset:
     """Change between dates as a lazy, CRS-aware xarray Dataset (computed when accessed).
 
-    Variables: ``canopy_change`` and ``landcover_transition`` (step, y, x), ``embedding_change``
-    (step, y_patch, x_patch), and each date's ``canopy_height`` / ``landcover`` (date, y, x),
-    as far as the heads given allow; embeddings need no head. ``options``: any
-    :class:`geodino.RunOptions` field (profile, bands, window, target_gsd, ...).
+    Variables: ``canopy_change``, ``canopy_change_class`` and ``landcover_transition`` (step, y,
+    x), ``embedding_change`` (step, y_patch, x_patch), and each date's ``canopy_height`` /
+    ``landcover`` (date, y, x), as far as the heads given allow; embeddings need no head.
+    ``options``: any :class:`geodino.RunOptions` field (profile, bands, window, target_gsd, ...).
     """
     opts = RunOptions.from_mapping(dict(backbone=backbone, canopy_head=canopy_head, landcover_head=landcover_head,
                                         embeddings=True, **options), source="change")
-    return build_change(scenes, opts, dates=dates, grid=grid).dataset
+    return build_change(scenes, opts, dates=dates, grid=grid, radiometric_match=radiometric_match,
+                        min_height_change=min_height_change, gap_height=gap_height).dataset
 
 
 __all__ = ["ChangeRun", "ChangeWarning", "build_change", "change", "grid_of"]

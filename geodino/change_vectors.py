@@ -1,14 +1,16 @@
 """Change as polygons and tables, read back from the written change rasters strip by strip.
 
-- :func:`change_polygons`: canopy loss and gain beyond a height threshold, and land-cover
-  transitions (from != to), one polygon per 4-connected region, with area and the mean,
-  minimum and maximum height change inside it.
+- :func:`change_polygons`: canopy loss, partial canopy loss and gain (the classes of
+  ``canopy_change_class.tif``), and land-cover transitions (from != to), one polygon per
+  4-connected region, with area and the mean, minimum and maximum height change inside it.
 - :func:`transition_matrix`: pixels per (from, to) class pair over valid pixels.
 - :func:`canopy_summary`, :func:`embedding_summary`: figures for the report.
 
-Rasters are read in strips of rows (memory bounded by the scene's width). Regions are
-labelled with ``skimage.measure.label`` and traced by GDAL's polygoniser
-(:func:`geodino.vectorize.trace_array`) on the same 4-connectivity; pieces cut by a strip border are merged with their neighbours of the
+Rasters are read in strips of rows, at most about a million pixels each (memory bounded
+whatever the scene's width); regions inside a strip below the minimum area are dropped as
+they are found. Regions are labelled with ``skimage.measure.label`` and traced by GDAL's
+polygoniser (:func:`geodino.vectorize.trace_array`) on the same 4-connectivity; pieces cut
+by a strip border are merged with their neighbours of the
 same kind (dissolve, then explode) and their pixel statistics summed, so a region crossing
 strips becomes one polygon with exact statistics.
 """
@@ -22,11 +24,19 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from geodino.change_maps import transition_table
+from geodino.change_maps import (
+    CANOPY_CHANGE_CLASSES,
+    GAIN,
+    LOSS,
+    NO_CHANGE,
+    PARTIAL_LOSS,
+    transition_table,
+)
 from geodino.classes import ClassTable
 
-STRIP_ROWS = 512  # rows read at a time: memory of the vector step grows with width x STRIP_ROWS
-LOSS, GAIN = 1, 2
+STRIP_ROWS = 512  # rows read at a time, at most ...
+STRIP_PIXELS = 2048 * 512  # ... and fewer on wide scenes, so that a strip's arrays do not grow with the width
+MIN_STRIP_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -42,8 +52,15 @@ class Step:
         return f"{self.date_from} -> {self.date_to}"
 
 
+def _strip_rows(width: int) -> int:
+    if width * STRIP_ROWS <= STRIP_PIXELS:
+        return STRIP_ROWS
+    return max(MIN_STRIP_ROWS, STRIP_PIXELS // width)
+
+
 def _strips(src) -> list[Window]:
-    return [Window(0, r, src.width, min(STRIP_ROWS, src.height - r)) for r in range(0, src.height, STRIP_ROWS)]
+    rows = _strip_rows(src.width)
+    return [Window(0, r, src.width, min(rows, src.height - r)) for r in range(0, src.height, rows)]
 
 
 def _pieces(labels: np.ndarray, values: np.ndarray | None, row0: int, first_row: bool, last_row: bool):
@@ -119,16 +136,24 @@ def _regions(pieces: list, crs):
                             crs=crs)
 
 
-def _vectorise(read, width: int, height: int, transform, crs):
+def _vectorise(read, width: int, height: int, transform, crs, min_area: float = 0.0):
+    """Regions of the whole raster, strip by strip. A region inside one strip that is smaller than
+    ``min_area`` m² is dropped at once (it can never grow): what is held is the polygons kept
+    and the pieces on strip borders, not every speck (139,000 pieces of land-cover transition,
+    most of a few pixels, were held at 8192², for 8,900 polygons of at least 10 m²)."""
     pieces = []
-    starts = list(range(0, height, STRIP_ROWS))
+    rows = _strip_rows(width)
+    starts = list(range(0, height, rows))
+    min_pixels = min_area / abs(transform.a * transform.e - transform.b * transform.d)
     for k, row in enumerate(starts):
-        h = min(STRIP_ROWS, height - row)
+        h = min(rows, height - row)
         win = Window(0, row, width, h)
         labels, values = read(win)
         if not labels.any():
             continue
-        pieces += _pieces(labels, values, row, k == 0, k == len(starts) - 1)
+        # columns of a piece: label, geometry, pixels, valued, sum, min, max, border
+        pieces += [p for p in _pieces(labels, values, row, k == 0, k == len(starts) - 1)
+                   if p[7] or p[2] >= min_pixels]
     regions = _regions(pieces, crs)
     # pixel (column, row) -> map coordinates
     regions["geometry"] = regions.geometry.affine_transform(
@@ -136,16 +161,18 @@ def _vectorise(read, width: int, height: int, transform, crs):
     return regions
 
 
-def change_polygons(steps: list[Step], *, canopy: Path | None, transitions: Path | None,
-                    classes: ClassTable | None, min_height_change: float, min_area: float = 0.0):
-    """Polygons of canopy loss / gain (|change| >= ``min_height_change`` m) and of land-cover
-    transitions for every step, at least ``min_area`` m² each."""
+def change_polygons(steps: list[Step], *, canopy: Path | None, canopy_classes: Path | None,
+                    transitions: Path | None, classes: ClassTable | None, min_area: float = 0.0):
+    """Polygons of the canopy change classes (loss, partial loss, gain: ``canopy_classes``, with
+    the height change from ``canopy``) and of land-cover transitions for every step, at least
+    ``min_area`` m² each."""
     import geopandas as gpd
     import pandas as pd
 
     sources = {}
     if canopy is not None:
         sources["canopy"] = rasterio.open(canopy)
+        sources["canopy_classes"] = rasterio.open(canopy_classes)
     if transitions is not None:
         sources["transitions"] = rasterio.open(transitions)
     try:
@@ -156,15 +183,13 @@ def change_polygons(steps: list[Step], *, canopy: Path | None, transitions: Path
                 src = sources["canopy"]
 
                 def read_canopy(win, src=src, band=step.band):
-                    dh = src.read(band, window=win)
-                    lab = np.zeros(dh.shape, np.uint8)
-                    with np.errstate(invalid="ignore"):
-                        lab[dh <= -min_height_change] = LOSS
-                        lab[dh >= min_height_change] = GAIN
-                    return lab, dh
+                    lab = sources["canopy_classes"].read(band, window=win)
+                    lab[lab == NO_CHANGE] = 0
+                    return lab, src.read(band, window=win)
 
-                gdf = _vectorise(read_canopy, ref.width, ref.height, ref.transform, ref.crs)
-                gdf["type"] = np.where(gdf["label"] == LOSS, "canopy loss", "canopy gain")
+                gdf = _vectorise(read_canopy, ref.width, ref.height, ref.transform, ref.crs, min_area)
+                names = {c.code: c.name for c in CANOPY_CHANGE_CLASSES.classes}
+                gdf["type"] = [names[int(c)] for c in gdf["label"]]
                 gdf["transition"] = ""
                 frames.append(_finish(gdf, step))
             if "transitions" in sources:
@@ -177,7 +202,7 @@ def change_polygons(steps: list[Step], *, canopy: Path | None, transitions: Path
                     dh = sources["canopy"].read(band, window=win) if "canopy" in sources else None
                     return lab, dh
 
-                gdf = _vectorise(read_transitions, ref.width, ref.height, ref.transform, ref.crs)
+                gdf = _vectorise(read_transitions, ref.width, ref.height, ref.transform, ref.crs, min_area)
                 names = {c.code: c.name for c in transition_table(classes).classes}
                 gdf["type"] = "land-cover transition"
                 gdf["transition"] = [names.get(int(c), "") for c in gdf["label"]]
@@ -216,24 +241,28 @@ def transition_matrix(path: Path, band: int, n_classes: int) -> np.ndarray:
     return counts[1:].reshape(n_classes, n_classes)
 
 
-def canopy_summary(path: Path, band: int, threshold: float) -> dict:
-    """Valid, loss and gain pixel counts and the mean change of one canopy-change band."""
-    valid = loss = gain = 0
-    total = loss_sum = gain_sum = 0.0
-    with rasterio.open(path) as src:
+def canopy_summary(change: Path, change_classes: Path, band: int) -> dict:
+    """Valid, loss, partial-loss and gain pixel counts and mean changes of one step."""
+    counts = np.zeros(GAIN + 1, np.int64)
+    sums = np.zeros(GAIN + 1)
+    total = 0.0
+    with rasterio.open(change) as src, rasterio.open(change_classes) as cls:
         for win in _strips(src):
             dh = src.read(band, window=win).astype(np.float64)
-            dh = dh[np.isfinite(dh)]
-            valid += dh.size
+            code = cls.read(band, window=win).ravel()
+            finite = np.isfinite(dh.ravel()) & (code > 0)
+            code, dh = code[finite], dh.ravel()[finite]
             total += dh.sum()
-            down, up = dh <= -threshold, dh >= threshold
-            loss += int(down.sum())
-            gain += int(up.sum())
-            loss_sum += dh[down].sum()
-            gain_sum += dh[up].sum()
-    return {"valid_pixels": valid, "loss_pixels": loss, "gain_pixels": gain,
-            "mean_change_m": total / valid if valid else None,
-            "mean_loss_m": loss_sum / loss if loss else None, "mean_gain_m": gain_sum / gain if gain else None}
+            counts += np.bincount(code, minlength=GAIN + 1)[:GAIN + 1]
+            sums += np.bincount(code, weights=dh, minlength=GAIN + 1)[:GAIN + 1]
+    valid = int(counts[1:].sum())
+
+    def mean(k):
+        return float(sums[k] / counts[k]) if counts[k] else None
+
+    return {"valid_pixels": valid, "loss_pixels": int(counts[LOSS]), "partial_loss_pixels": int(counts[PARTIAL_LOSS]),
+            "gain_pixels": int(counts[GAIN]), "mean_change_m": total / valid if valid else None,
+            "mean_loss_m": mean(LOSS), "mean_partial_loss_m": mean(PARTIAL_LOSS), "mean_gain_m": mean(GAIN)}
 
 
 def embedding_summary(path: Path, band: int) -> dict:

@@ -171,7 +171,13 @@ def change(
     dates: Optional[str] = typer.Option(None, help="Comma-separated ISO dates, one per scene (default: file tags, "
                                         "else a date in the file name, else scene order)"),
     grid: Optional[Path] = typer.Option(None, help="Raster whose grid every date is warped onto (default: the first scene's)"),
-    min_height_change: float = typer.Option(5.0, help="Canopy loss/gain polygons where the change is at least this (m)"),
+    min_height_change: float = typer.Option(5.0, help="Canopy loss/gain where the height changed by at least this (m)"),
+    gap_height: float = typer.Option(2.0, help="Canopy loss means the height fell by --min-height-change to below this "
+                                     "(m) and, with a land-cover head, the later land cover is no longer tree cover "
+                                     "(canopy gone); any other such fall is partial canopy loss"),
+    radiometric_match: bool = typer.Option(True, "--radiometric-match/--no-radiometric-match",
+                                           help="Map the dates onto their mean radiometry first (per-band gain and "
+                                                "offset fitted on unchanged ground)"),
     min_area: Optional[float] = typer.Option(None, help="Drop change polygons smaller than this (m²; default: min_polygon_area)"),
     pipeline: Optional[Path] = typer.Option(None, help="Pipeline YAML (pipelines/*.yaml); options below override it"),
     backbone: Optional[str] = typer.Option(None, help="DINOv3 hub id, short name, local folder or Meta .pth"),
@@ -205,13 +211,15 @@ def change(
                      target_gsd=target_gsd, polygons=polygons, chunks=chunks, workers=workers)
     options = replace(options, **{k: v for k, v in overrides.items() if v is not None})
     report = run_change(_expand(scenes), out, options, dates=_bands(dates), grid=grid,
-                        min_height_change=min_height_change, min_area=min_area, overwrite=overwrite,
+                        min_height_change=min_height_change, gap_height=gap_height,
+                        radiometric_match=radiometric_match, min_area=min_area, overwrite=overwrite,
                         log=lambda m: err.print(m, highlight=False, soft_wrap=True))
     typer.echo(str(out / "report.json"))
     for step in report["steps"]:
         canopy = step.get("canopy")
         if canopy:
             typer.echo(f"{step['step']}: canopy loss {canopy['loss_area_m2'] / 1e4:.2f} ha, "
+                       f"partial loss {canopy['partial_loss_area_m2'] / 1e4:.2f} ha, "
                        f"gain {canopy['gain_area_m2'] / 1e4:.2f} ha")
 
 

@@ -66,11 +66,14 @@ def _profile_of(bundle: ModelBundle) -> str | None:
     return None
 
 
-def build_run(scene_paths, options: RunOptions, progress=None, grid=None) -> SceneRun:
+def build_run(scene_paths, options: RunOptions, progress=None, grid=None, adjust_normalisation=None) -> SceneRun:
     """Open the scene and build the lazy graph of all outputs (nothing is computed).
 
     ``grid`` (a :class:`geodino.scene.Grid`): process on that grid instead of the scene's own
     (the scene is warped onto it), e.g. every date of a change run on the first date's grid.
+    ``adjust_normalisation(scene, normalisation) -> normalisation``: replaces the scene's fixed
+    normalisation before the graph is built (a change run maps later dates' radiometry onto
+    the first date's).
     """
     options.validate()
     scene = open_scene(scene_paths, target_gsd=options.target_gsd, grid=grid)
@@ -82,6 +85,8 @@ def build_run(scene_paths, options: RunOptions, progress=None, grid=None) -> Sce
     profile = options.profile or _profile_of(bundle) or "auto"
     scene, norm = prepare(scene, profile, bundle.family_name, options.bands)
     require_valid_pixels(scene)
+    if adjust_normalisation is not None:
+        norm = adjust_normalisation(scene, norm)
     check_model_fit(scene, options.backbone, bundle.load()[1], options.canopy_model)
     spec = WindowSpec(options.window, options.overlap)
     tiles = window_grid(scene.grid.height, scene.grid.width, spec)

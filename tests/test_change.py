@@ -291,8 +291,9 @@ def test_polygons_do_not_depend_on_strip_height(pair, cli_out, monkeypatch):
     from geodino.classes import WORLDCOVER
 
     steps = [cv.Step(1, "2021-06-14", "2024-06-20")]
-    kw = {"canopy": cli_out / "canopy_change.tif", "transitions": cli_out / "landcover_transition.tif",
-              "classes": WORLDCOVER, "min_height_change": 5.0}
+    kw = {"canopy": cli_out / "canopy_change.tif", "canopy_classes": cli_out / "canopy_change_class.tif",
+          "transitions": cli_out / "landcover_transition.tif",
+          "classes": WORLDCOVER}
     whole = cv.change_polygons(steps, **kw)
     monkeypatch.setattr(cv, "STRIP_ROWS", 37)  # regions cut by many strip borders are merged back
     strips = cv.change_polygons(steps, **kw)
@@ -303,6 +304,14 @@ def test_polygons_do_not_depend_on_strip_height(pair, cli_out, monkeypatch):
         gdf = gdf.assign(cx=gdf.centroid.x.round(3), cy=gdf.centroid.y.round(3))
         return gdf.sort_values(key).reset_index(drop=True)
 
+    # regions below --min-area are dropped as they are traced (unless cut by a strip border):
+    # the same polygons as filtering at the end, whatever the strips
+    for rows in (37, 512):
+        monkeypatch.setattr(cv, "STRIP_ROWS", rows)
+        kept = cv.change_polygons(steps, **kw, min_area=20.0)
+        assert len(kept) == (whole["area_m2"] >= 20.0).sum() and (kept["area_m2"] >= 20.0).all()
+    monkeypatch.setattr(cv, "STRIP_ROWS", 512)
+    assert cv._strip_rows(320) == 512 and cv._strip_rows(8192) == 128 and cv._strip_rows(10**6) == 64
     a, b = ordered(whole), ordered(strips)
     for col in ("type", "transition", "pixels"):
         assert list(a[col]) == list(b[col])
@@ -334,6 +343,8 @@ def test_series_has_a_band_per_step_and_first_to_last(pair, tiny_models, tmp_pat
     (["{before}", "{after}", "--dates", "2020-01-01"], "one per scene"),
     (["{before}", "{far}"], "does not overlap"),
     (["{before}", "{after}", "--grid", "{geographic}"], "projected CRS"),
+    (["{before}", "{after}", "--gap-height", "-1"], "--gap-height must be"),
+    (["{before}", "{after}", "--min-height-change", "0"], "--min-height-change must be"),
 ])
 def test_bad_input_is_a_clear_error(pair, tmp_path, capsys, args, message):
     from tests.helpers import random_image, write_raster
@@ -359,11 +370,40 @@ def test_common_grid_from_target_gsd_or_a_grid_file(pair, tiny_models, tmp_path)
     # --grid: another extent and pixel size, e.g. a reference map's
     target = write_raster(tmp_path / "grid.tif", np.zeros((1, 100, 90), np.uint8), crs="EPSG:32737",
                           transform=Affine(0.9, 0, 300030.0, 0, -0.9, 9699970.0))
-    run = _build([pair.before.scene, pair.after.scene], _options(tiny_models), grid=target)
+    with warnings.catch_warnings():  # too small to verify the co-registration: tested below
+        warnings.simplefilter("ignore")
+        run = _build([pair.before.scene, pair.after.scene], _options(tiny_models), grid=target)
     for r in run.runs:
         assert (r.scene.grid.transform, r.scene.grid.width, r.scene.grid.height) == (
             Affine(0.9, 0, 300030.0, 0, -0.9, 9699970.0), 90, 100)
     assert run.dataset.canopy_change.shape == (1, 100, 90)
+
+
+def test_coregistration_on_small_resampled_grids_raises_no_false_alarm(pair, tiny_models, tmp_path):
+    """A co-registered pair resampled to a small grid is not called mis-registered (it was: 3.2 px
+    at --target-gsd 1.2, 14.4 px on a 90 x 100 --grid), while a real shift there still is."""
+    from geodino.change_run import ChangeWarning
+    from tests.helpers import write_raster
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ChangeWarning)
+        run = _build([pair.before.scene, pair.after.scene], _options(tiny_models, target_gsd=1.2))
+    c = run.coregistration[0]
+    assert c.verified and c.ok and c.magnitude < 0.5 and c.windows >= 3 and not run.warnings
+    shifted = _copy(pair.after.scene, tmp_path / "shifted.tif")
+    with rasterio.open(shifted, "r+") as dst:  # 2 rows up, 3 columns right at 0.6 m: -1, +1.5 px at 1.2 m
+        dst.transform = dst.transform * Affine.translation(3, -2)
+    with pytest.warns(ChangeWarning, match="not co-registered"):
+        run = _build([pair.before.scene, shifted], _options(tiny_models, target_gsd=1.2))
+    c = run.coregistration[0]
+    assert c.verified and not c.ok and abs(c.dy + 1) < 0.3 and abs(c.dx - 1.5) < 0.3
+    # 90 x 100 pixels, much of it the clear-cut: too little to tell; said so, not called a shift
+    target = write_raster(tmp_path / "grid.tif", np.zeros((1, 100, 90), np.uint8), crs="EPSG:32737",
+                          transform=Affine(0.9, 0, 300030.0, 0, -0.9, 9699970.0))
+    with pytest.warns(ChangeWarning, match="could not be verified"):
+        run = _build([pair.before.scene, pair.after.scene], _options(tiny_models), grid=target)
+    assert not any("not co-registered" in w for w in run.warnings)
+    assert run.coregistration[0].to_dict()["ok"] is None and not run.coregistration[0].verified
 
 
 def test_python_api_is_lazy_and_crs_aware(pair, tiny_models):
@@ -376,6 +416,139 @@ def test_python_api_is_lazy_and_crs_aware(pair, tiny_models):
     assert ds.rio.crs.to_epsg() == 32737 and ds.attrs["dates"] == ["2021-06-14", "2024-06-20"]
     e = ds.embedding_change.compute().values[0]
     assert np.nanmax(e) > 5 * np.nanmedian(e)  # the changed places stand out
+
+
+# --------------------------------------------------------------------------------------
+# what counts as canopy loss; radiometry between dates
+
+
+def test_canopy_change_classes_loss_partial_gain_nodata():
+    from geodino.change_maps import GAIN, LOSS, NO_CHANGE, PARTIAL_LOSS, canopy_change_classes
+
+    before = np.array([[20.0, 20.0, 20.0, 3.0, 10.0, np.nan, 20.0, 6.0]], np.float32)
+    after = np.array([[0.5, 1.99, 2.0, 9.0, 6.0, 1.0, np.nan, 0.0]], np.float32)
+    heights = [dask.array.from_array(h, chunks=(1, 4)) for h in (before, after)]
+    codes = canopy_change_classes(heights, [(0, 1)], 5.0, 2.0).compute()[0, 0]
+    # fell to a gap / to 1.99 m: loss; to 2.0 m: a canopy left; +6 m: gain; -4 m: no change; NaN: nodata;
+    # 6 -> 0 m: loss (a fall of exactly 6 m to the ground)
+    assert codes.tolist() == [LOSS, LOSS, PARTIAL_LOSS, GAIN, NO_CHANGE, 0, 0, LOSS]
+    swapped = canopy_change_classes(heights[::-1], [(0, 1)], 5.0, 2.0).compute()[0, 0]
+    assert swapped.tolist()[:4] == [GAIN, GAIN, GAIN, PARTIAL_LOSS]  # regrowth from a gap is gain
+    assert canopy_change_classes(heights, [(0, 1)], 5.0, 0.0).compute()[0, 0, 0] == PARTIAL_LOSS  # gap 0: none
+    # with each date's land cover: loss also needs the later date to have left tree cover
+    from geodino.classes import WORLDCOVER
+
+    tree, grass = WORLDCOVER.codes[0], WORLDCOVER.codes[2]
+    later = np.array([[grass, tree, grass, grass, grass, grass, grass, tree]], np.uint8)
+    labels = [dask.array.from_array(np.full_like(later, tree), chunks=(1, 4)), dask.array.from_array(later, chunks=(1, 4))]
+    with_cover = canopy_change_classes(heights, [(0, 1)], 5.0, 2.0, labels=labels, classes=WORLDCOVER).compute()[0, 0]
+    assert with_cover.tolist() == [LOSS, PARTIAL_LOSS, PARTIAL_LOSS, GAIN, NO_CHANGE, 0, 0, PARTIAL_LOSS]
+    from geodino.change_maps import check_thresholds
+
+    for bad in ((0.0, 2.0), (5.0, -1.0), (float("nan"), 2.0)):
+        with pytest.raises(GeodinoError):
+            check_thresholds(*bad)
+
+
+def test_clearcut_is_canopy_loss_and_trees_beside_it_are_not(pair, cli_out):
+    """Canopy loss is the clear-cut, not the trees beside it that the model draws lower (the
+    "any fall of 5 m" rule counted those, and the other sun's and radiometry's effect, as loss)."""
+    from scipy.ndimage import binary_dilation
+
+    from geodino.change_maps import CANOPY_CHANGE_CLASSES, LOSS, PARTIAL_LOSS
+    from geodino.synth import TREE, landcover_at
+    from geodino.synth_change import CLEARCUT, UNCHANGED
+
+    with rasterio.open(cli_out / "canopy_change_class.tif") as src:
+        assert cog_validate(str(cli_out / "canopy_change_class.tif"))[0]
+        codes = src.read(1)
+        names = src.tags(1)["CATEGORY_NAMES"].split(";")
+        assert [names[c] for c in CANOPY_CHANGE_CLASSES.codes] == list(CANOPY_CHANGE_CLASSES.names)
+        assert src.tags()["gap_height_m"] == "2.0" and src.colormap(1)[LOSS][:3] == (215, 25, 28)
+    with rasterio.open(pair.truth_change) as src:
+        truth = src.read(1)
+    gy, gx = np.meshgrid(np.arange(truth.shape[0]) + 0.5, np.arange(truth.shape[1]) + 0.5, indexing="ij")
+    cut = truth == CLEARCUT
+    with rasterio.open(cli_out / "canopy_change.tif") as src:
+        dh = src.read(1)
+    forest = (truth == UNCHANGED) & (landcover_at(4, gy, gx) == TREE)
+    beside = binary_dilation(cut, iterations=16) & ~cut & forest
+    assert beside.sum() > 500 and (codes[cut] == LOSS).mean() > 0.85
+    # 128-pixel windows on a small scene: of the unchanged forest 25% fell by 5 m (the old rule's
+    # loss), 4% is canopy loss now; within 16 px of the cut 87% and 19%
+    with np.errstate(invalid="ignore"):
+        any_fall = dh <= -5
+    assert (codes[forest] == LOSS).mean() < 0.3 * any_fall[forest].mean()
+    assert (codes[beside] == LOSS).mean() < 0.4 * any_fall[beside].mean()
+    assert (codes[beside] == PARTIAL_LOSS).mean() > 0.1
+    report = json.loads((cli_out / "report.json").read_text())
+    assert "to below 2 m and the later land cover is no longer Tree cover" in report["canopy_classes"]["canopy loss"]
+    assert report["gap_height_m"] == 2.0
+    canopy = report["steps"][0]["canopy"]
+    assert canopy["partial_loss_area_m2"] > 0 and canopy["mean_loss_m"] <= -5
+    import geopandas as gpd
+
+    gdf = gpd.read_file(cli_out / "change.gpkg")
+    assert {"canopy loss", "partial canopy loss"} <= set(gdf["type"])
+
+
+def test_a_pure_radiometric_difference_is_not_canopy_change(pair, tmp_path):
+    """The same ground with another gain and offset (sun, atmosphere) is matched back: the model
+    sees nearly the same input and the change is nearly zero; without the match it is not."""
+    from geodino.change_run import build_change
+    from geodino.options import load_pipeline
+
+    brighter = tmp_path / "brighter.tif"
+    with rasterio.open(pair.before.scene) as src:
+        data, profile, tags = src.read().astype(np.float64), src.profile, src.tags()
+    gain, offset = np.array([1.05, 1.04, 1.06, 0.97]), np.array([20.0, 15.0, 25.0, -30.0])
+    with rasterio.open(brighter, "w", **profile) as dst:
+        dst.write(np.round(data * gain[:, None, None] + offset[:, None, None]).astype(profile["dtype"]))
+        dst.update_tags(**tags)
+    options = replace_options(load_pipeline(DEMO), window=128, overlap=32)
+    matched = build_change([pair.before.scene, brighter], options, dates=["2020-01-01", "2021-01-01"])
+    m = matched.radiometry[0]
+    assert m.applied and np.allclose(m.gain, gain[[2, 1, 0]], atol=0.01) and np.allclose(m.offset, offset[[2, 1, 0]],
+                                                                                           atol=4)
+    raw = build_change([pair.before.scene, brighter], options, dates=["2020-01-01", "2021-01-01"],
+                       radiometric_match=False)
+    assert raw.radiometry == []
+    dh_matched = np.abs(matched.dataset.canopy_change.values[0])
+    dh_raw = np.abs(raw.dataset.canopy_change.values[0])
+    # measured: mean |change| 0.40 m unmatched (up to 6.2 m: "loss" and "gain"), 0.0015 m matched
+    assert np.nanmean(dh_raw) > 0.2 and np.nanmax(dh_raw) > 5.0
+    assert np.nanmean(dh_matched) < 0.02 * np.nanmean(dh_raw) and np.nanmax(dh_matched) < 0.5
+    from geodino.change_maps import NO_CHANGE
+    from geodino.change_write import with_thresholds
+
+    finer = with_thresholds(raw, 0.5, None)  # other thresholds: the classes are remade, the rest kept
+    assert (finer.min_height_change, finer.gap_height) == (0.5, 2.0) and finer.runs is raw.runs
+    changed = lambda r: int((r.dataset.canopy_change_class.values[0] > NO_CHANGE).sum())
+    assert changed(finer) > changed(raw) and finer.dataset.canopy_change_class.attrs["min_height_change_m"] == 0.5
+    with pytest.raises(GeodinoError, match="gap-height"):
+        with_thresholds(raw, None, -1.0)
+    with rasterio.open(pair.before.scene) as src:  # the first date's own normalisation moved to the mean radiometry
+        assert matched.runs[0].normalisation.lo != (0.0, 0.0, 0.0) and src.count == 4
+
+
+def test_radiometric_match_across_data_scales(pair, tiny_models, tmp_path):
+    """A later date delivered as float reflectance (0-1) against a first one in reflectance x 10000
+    is matched (its gain is judged in each date's own normalised units), not refused."""
+    scaled = tmp_path / "float.tif"
+    with rasterio.open(pair.after.scene) as src:
+        data, profile, tags = src.read().astype(np.float32) / 10000, src.profile, src.tags()
+    with rasterio.open(scaled, "w", **(profile | {"dtype": "float32", "predictor": 1})) as dst:
+        dst.write(data)
+        dst.update_tags(**tags)
+    run = _build([pair.before.scene, scaled], _options(tiny_models, profile="auto", bands=[3, 2, 1]))
+    m = run.radiometry[0]
+    assert m.applied and not run.warnings and all(1.0e-4 < g < 1.1e-4 for g in m.gain)
+
+
+def replace_options(options, **kw):
+    from dataclasses import replace
+
+    return replace(options, **kw)
 
 
 # --------------------------------------------------------------------------------------

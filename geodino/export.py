@@ -219,7 +219,7 @@ def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compr
                 if _writes_direct(out, compress):
                     direct.append(True)
                     codec = _codec_options(compress, is_float)
-                    profile = out.creation_profile(compress, COG_BLOCK) | codec | dict(NUM_THREADS=str(threads))
+                    profile = out.creation_profile(compress, COG_BLOCK) | codec
                     level_codec = codec
                 else:
                     direct.append(False)

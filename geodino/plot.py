@@ -64,8 +64,14 @@ def _decimate(arr, max_size: int):
         (west, east, south, north), arr.rio.crs
 
 
+def _file_map(source) -> bool:
+    """{output name: GeoTIFF}, e.g. a run's files before they are in place (not a Dataset,
+    which is a Mapping too)."""
+    return isinstance(source, Mapping) and not hasattr(source, "data_vars")
+
+
 def _output_file(source, name: str) -> Path | None:
-    if isinstance(source, Mapping):  # {output name: GeoTIFF}, e.g. a run's files before they are in place
+    if _file_map(source):
         return Path(source[name]) if name in source else None
     if not isinstance(source, (str, Path)):
         return None
@@ -168,7 +174,7 @@ def _scene_reference(source):
     """(scene paths, 1-based bands, (lo, hi)) recorded by a run, or None."""
     import xarray as xr
 
-    if isinstance(source, Mapping):
+    if _file_map(source):
         return None
     if isinstance(source, xr.Dataset):
         meta = source.attrs
@@ -411,7 +417,7 @@ def _has(source, name: str) -> bool:
 
     if isinstance(source, xr.Dataset):
         return name in source
-    if isinstance(source, Mapping):
+    if _file_map(source):
         return name in source
     return isinstance(source, (str, Path)) and Path(source).is_dir() and (Path(source) / f"{name}.tif").exists()
 

@@ -152,7 +152,8 @@ class _Layout:
         head = struct.pack("<Q" if self.big else "<H", len(tags))
         tail = struct.pack("<Q" if self.big else "<I", next_ifd)
         out = head + b"".join(entries) + tail + bytes(extra)
-        assert len(out) == self.ifd_size[index]
+        if len(out) != self.ifd_size[index]:
+            raise LayoutError(f"IFD {index}: {len(out)} bytes written, {self.ifd_size[index]} laid out")
         return out
 
 

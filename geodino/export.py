@@ -261,8 +261,7 @@ def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compr
                 if moved:
                     try:
                         assemble_cog(stream_tmp, pyramid.paths if pyramid is not None else [], final_tmp)
-                        moved = True
-                    except LayoutError:
+                    except LayoutError:  # sources that do not fit one COG: GDAL's driver re-encodes them
                         moved = False
                 if not moved:
                     source = stream_tmp

@@ -7,8 +7,9 @@ is compressed, written, and later read back and decoded to be completed: double 
 a file that holds dead copies of tiles. :class:`TileRows` keeps the pixels of the rows of
 tiles that are not yet complete (at most about two at a time when blocks arrive row by row,
 as :func:`geodino.stream.stream_blocks` delivers them) and hands each row of tiles to GDAL
-once, whole, so every tile is compressed exactly once (on GDAL's NUM_THREADS workers) and
-the file holds each tile once, in row-major order.
+once, whole, so every tile is compressed exactly once (on the writing thread: GDAL's own
+compression threads would compete with a model's threads while windows are still being
+inferred) and the file holds each tile once, in row-major order.
 """
 
 from __future__ import annotations

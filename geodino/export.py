@@ -48,11 +48,12 @@ def check_writable(paths, overwrite: bool) -> None:
 
 
 def polygonize(raster: str | os.PathLike, out: str | os.PathLike, classes: ClassTable, *,
-               min_area: float = 0.0, overwrite: bool = False, strip_rows: int = 2048) -> Path:
+               min_area: float = 0.0, overwrite: bool = False, strip_rows: int = 2048, pixels=None) -> Path:
     """Vectorise a class raster into a GeoPackage of polygons (see :func:`geodino.vectorize.polygonize`)."""
     from geodino.vectorize import polygonize
 
-    return polygonize(raster, out, classes, min_area=min_area, overwrite=overwrite, strip_rows=strip_rows)
+    return polygonize(raster, out, classes, min_area=min_area, overwrite=overwrite, strip_rows=strip_rows,
+                      pixels=pixels)
 
 
 # --------------------------------------------------------------------------------------
@@ -66,11 +67,14 @@ class RasterOutput:
 
     def __init__(self, path, data, *, dtype: str, nodata, descriptions=None, units=None, tags=None,
                  classes: ClassTable | None = None, overview_resampling: str = "average", grid=None,
-                 after=None, observers=()) -> None:
+                 after=None, observers=(), trace_pixels: bool = False) -> None:
         self.path = Path(path)
         # after(cog_path): work on the finished COG (still at its temporary path) that runs
         # beside the other outputs' afters, e.g. polygons from a class raster
         self.after = after
+        # trace_pixels: also keep a flat copy of the pixels while they stream
+        # (geodino.rawpixels), handed to after as ``pixels=`` where one could be made
+        self.trace_pixels = trace_pixels
         # observer(block): called with each (band, rows, cols) block as it is written, e.g. to
         # build a report's statistics without reading the output back
         self.observers = list(observers)
@@ -201,13 +205,14 @@ def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compr
     from concurrent.futures import ThreadPoolExecutor
 
     from geodino.overviews import Pyramid
+    from geodino.rawpixels import RawPixels
     from geodino.stream import stream_blocks
     from geodino.tilerows import TileRows
 
     check_writable([o.path for o in outputs], overwrite)
     threads = max(1, (os.cpu_count() or 1) // max(1, len(outputs)))
     with contextlib.ExitStack() as stack:
-        staged, pyramids, direct = [], [], []
+        staged, pyramids, direct, flat = [], [], [], []
         for out in outputs:
             final_tmp = stack.enter_context(atomic_path(out.path))
             stream_tmp = stack.enter_context(_removed_after(partial_path(out.path)))
@@ -229,7 +234,13 @@ def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compr
                     level_codec = dict(compress="ZSTD", ZSTD_LEVEL=1)
                 dst = open_files.enter_context(rasterio.open(stream_tmp, "w", **profile))
                 _describe(dst, out)
-                writers.append(TileRows(dst, COG_BLOCK) if direct[-1] else _Plain(dst))
+                raw = None
+                if out.trace_pixels and direct[-1] and RawPixels.supports(out.dtype, dst.count):
+                    raw = RawPixels(stream_tmp.with_suffix(".pixels"), dst.height, dst.width, out.dtype)
+                    stack.callback(raw.remove)
+                flat.append(raw)
+                writers.append(TileRows(dst, COG_BLOCK, on_row=None if raw is None else raw.write_rows)
+                               if direct[-1] else _Plain(dst))
                 pyramid = Pyramid(stream_tmp, profile, out.data.chunks, classes=out.classes is not None,
                                   codec=level_codec)
                 stack.callback(pyramid.cleanup)
@@ -249,6 +260,9 @@ def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compr
                     sink.abort()
             for writer in writers:
                 writer.close()
+            for raw in flat:
+                if raw is not None:
+                    raw.close()
 
         def convert(item, pyramid_profile, moved: bool) -> None:
             from geodino.cog import LayoutError, assemble_cog
@@ -276,7 +290,9 @@ def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compr
                 done.result()
             # work on the finished files (still at their temporary paths), side by side:
             # e.g. polygons from the class COG while the quicklook draws from all of them
-            jobs = [pool.submit(out.after, final_tmp) for out, _, final_tmp in staged if out.after is not None]
+            jobs = [pool.submit(out.after, final_tmp, **({"pixels": raw.path} if raw is not None and raw.complete
+                                                          else {}))
+                    for (out, _, final_tmp), raw in zip(staged, flat) if out.after is not None]
             if beside is not None:
                 jobs.append(pool.submit(beside, {out.path: final_tmp for out, _, final_tmp in staged}))
             for done in jobs:

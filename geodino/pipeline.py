@@ -228,7 +228,7 @@ def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, 
         rasters.append(RasterOutput(out / "landcover.tif", ds["landcover"].expand_dims(band=1), dtype="uint8",
                                     nodata=run.classes.nodata, descriptions=["land cover"], tags=tags,
                                     classes=run.classes, overview_resampling="mode", grid=grid, after=after,
-                                    observers=[stats["landcover"].update]))
+                                    observers=[stats["landcover"].update], trace_pixels=after is not None))
     if "landcover_probability" in ds:
         rasters.append(RasterOutput(out / "landcover_probability.tif", ds["landcover_probability"],
                                     dtype="float32", nodata=float("nan"),
@@ -293,9 +293,9 @@ def _quicklook(files: dict[Path, Path], *, run: SceneRun, png: Path) -> None:
                   files={final.stem: tmp for final, tmp in files.items()})
 
 
-def _polygons(cog: Path, *, staged: Path, classes: ClassTable, min_area: float) -> None:
+def _polygons(cog: Path, *, staged: Path, classes: ClassTable, min_area: float, pixels: Path | None = None) -> None:
     with stage("polygons"):
-        polygonize(cog, staged, classes, min_area=min_area, overwrite=True)
+        polygonize(cog, staged, classes, min_area=min_area, overwrite=True, pixels=pixels)
 
 
 @contextlib.contextmanager

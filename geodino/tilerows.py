@@ -21,8 +21,11 @@ from rasterio.windows import Window
 class TileRows:
     """Write (band, rows, cols) blocks to an open tiled rasterio dataset, a row of tiles at a time."""
 
-    def __init__(self, dst, tile: int | None = None) -> None:
+    def __init__(self, dst, tile: int | None = None, on_row=None) -> None:
+        """``on_row(pixels, top)``: called with each whole row of tiles once GDAL has it (e.g. to
+        keep a flat copy for the polygoniser, :class:`geodino.rawpixels.RawPixels`)."""
         self.dst = dst
+        self.on_row = on_row
         self.tile = int(tile or dst.block_shapes[0][0])
         self.shape = (dst.count, dst.height, dst.width)
         self.dtype = np.dtype(dst.dtypes[0])
@@ -48,6 +51,8 @@ class TileRows:
             if entry[1] == (bottom - top) * width:
                 del self._pending[t]
                 self.dst.write(entry[0], window=Window(0, top, width, bottom - top))
+                if self.on_row is not None:
+                    self.on_row(entry[0], top)
             r = end
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from geodino.errors import InputError
+from geodino.units import pixel_area_m2
 
 BLOCK = 50  # pixels: block-R² averages heights over 50 x 50 px blocks
 
@@ -169,7 +170,8 @@ def evaluate_rasters(prediction: str | Path, reference: str | Path, task: str, *
             else:
                 out = acc.result(_class_names(pred, codes))
         if out["pixels"] < MIN_PIXELS:
-            px_km2 = abs(pred.transform.a * pred.transform.e) / 1e6 if pred.crs.is_projected else None
+            px_m2 = pixel_area_m2(pred.crs, pred.transform)
+            px_km2 = px_m2 / 1e6 if px_m2 else None
             area = f", {overlap * px_km2:.4g} km²" if px_km2 else ""
             raise InputError(f"{prediction} and {reference} overlap on {overlap} prediction pixels{area}, of which "
                              f"{out['pixels']} are valid in both: fewer than {MIN_PIXELS}, too few for metrics "

@@ -12,6 +12,7 @@ import geodino
 from geodino.classes import ClassTable
 from geodino.fingerprint import MODEL_OPTIONS, display_path, fingerprint
 from geodino.model_checks import is_demo_model
+from geodino.units import pixel_area_m2
 
 if TYPE_CHECKING:
     from geodino.pipeline import SceneRun
@@ -28,8 +29,8 @@ def make_report(run: SceneRun, out: Path, elapsed: float, outputs: dict, stats: 
     """
     stats = stats or {}
     grid = run.scene.grid
-    rx, ry = grid.res
-    pixel_km2 = rx * ry / 1e6 if grid.crs.is_projected else None
+    pixel_m2 = pixel_area_m2(grid.crs, grid.transform)
+    pixel_km2 = pixel_m2 / 1e6 if pixel_m2 else None
     o = run.options
     fp = getattr(run, "fingerprint", None) or fingerprint(list(run.scene.paths), o, out)
     report = {
@@ -55,7 +56,7 @@ def make_report(run: SceneRun, out: Path, elapsed: float, outputs: dict, stats: 
     valid = None
     if "landcover" in outputs:
         counts = stats.get("landcover") or _read_blocks(out / outputs["landcover"], ClassCounts())
-        report["landcover_area_km2"] = counts.areas_km2(run.classes, rx * ry)
+        report["landcover_area_km2"] = counts.areas_km2(run.classes, pixel_m2) if pixel_m2 else None
         valid = counts.valid(run.classes)
     if "canopy_height" in outputs:
         heights = stats.get("canopy_height") or _read_blocks(out / outputs["canopy_height"], HeightStats())
@@ -134,19 +135,3 @@ def _read_blocks(path: Path, into):
         for _, window in src.block_windows(1):
             into.update(src.read(1, window=window))
     return into
-
-
-def _pixel_area(path: Path) -> float:
-    with rasterio.open(path) as src:
-        return abs(src.transform.a * src.transform.e)
-
-
-def class_areas(path: Path, classes: ClassTable, counts: bool = False):
-    """Area (km²) of each class; with ``counts``, also the number of pixels of any class."""
-    acc = _read_blocks(path, ClassCounts())
-    areas = acc.areas_km2(classes, _pixel_area(path))
-    return (areas, acc.valid(classes)) if counts else areas
-
-
-def height_stats(path: Path) -> dict:
-    return _read_blocks(path, HeightStats()).result()

@@ -41,6 +41,7 @@ from rasterio.windows import Window
 
 from geodino.classes import ClassTable
 from geodino.export import atomic_path, check_writable
+from geodino.units import pixel_area_m2
 
 # pixel types GDALPolygonize reads into 32-bit integers without changing a value
 EXACT_DTYPES = ("uint8", "int8", "uint16", "int16", "int32")
@@ -72,9 +73,10 @@ def polygonize(raster: str | os.PathLike, out: str | os.PathLike, classes: Class
     if crs is not None and crs.is_projected:
         # a region is whole pixels: its area is a pixel count times the pixel's area, exactly.
         # GEOS sums products of coordinates far from the origin, which leaves ~1e-12 of noise
-        # that depends on where a ring starts: regions of equal size would sort by chance
+        # that depends on where a ring starts: regions of equal size would sort by chance.
+        # In m² whatever the CRS's unit (feet on State Plane grids)
         pixel_area = abs(transform.a * transform.e - transform.b * transform.d)
-        areas = np.rint(shapely.area(geoms) / pixel_area) * pixel_area
+        areas = np.rint(shapely.area(geoms) / pixel_area) * pixel_area_m2(crs, transform)
     else:
         import geopandas as gpd
 

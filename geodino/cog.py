@@ -157,14 +157,20 @@ class _Layout:
         return out
 
 
-def assemble_cog(full: str | os.PathLike, overviews: list[str | os.PathLike], dst: str | os.PathLike) -> Path:
+def assemble_cog(full: str | os.PathLike, overviews: list[str | os.PathLike], dst: str | os.PathLike,
+                 tiles: list | None = None) -> Path:
     """Write ``dst``: a COG of the tiled GeoTIFF ``full`` with ``overviews`` (tiled GeoTIFFs,
     each half the size of the one before, same tiling and codec) as its internal overviews.
 
-    Tile bytes are copied, never decoded. Raises :class:`LayoutError` when the sources do not
-    fit together (the caller can then fall back to GDAL's COG driver).
+    Tile bytes are copied, never decoded. ``tiles``: for each of ``[full] + overviews``, None
+    or a :class:`geodino.tilecodec.TileStore` holding that image's tiles (its GeoTIFF then only
+    gives the structure). Raises :class:`LayoutError` when the sources do not fit together
+    (the caller can then fall back to GDAL's COG driver).
     """
     images = [_read_image(Path(full), overview=False)] + [_read_image(Path(p), overview=True) for p in overviews]
+    for i, store in enumerate(tiles or []):
+        if store is not None:
+            images[i] = _with_tiles(images[i], store)
     if any(0 < c < _TRAILER for im in images for c in im.counts):
         raise LayoutError(f"{full}: a tile shorter than its {_TRAILER}-byte trailer")
     codec = _codec(images[0])
@@ -189,6 +195,20 @@ def assemble_cog(full: str | os.PathLike, overviews: list[str | os.PathLike], ds
         if out.tell() != layout.total:
             raise LayoutError(f"{dst}: wrote {out.tell()} bytes, laid out {layout.total}")
     return dst
+
+
+def _with_tiles(image: _Image, store) -> _Image:
+    """``image`` with its tiles taken from ``store``, which must be encoded as its tags say."""
+    tags = {t.code: t.value for t in image.tags}
+
+    def number(code: int, default: int) -> int:
+        value = tags.get(code)
+        return default if value is None else int.from_bytes(value, "little")  # one SHORT or LONG
+
+    if (number(259, 1), number(317, 1)) != (8, store.predictor) or (number(322, 0), number(323, 0)) != (
+            store.tile, store.tile) or len(store.offsets) != len(image.offsets):
+        raise LayoutError(f"{image.path}: its tags do not describe the tiles of {store.path}")
+    return _Image(store.path, image.tags, tuple(int(o) for o in store.offsets), tuple(int(c) for c in store.counts))
 
 
 def _copy_tiles(image: _Image, out) -> None:

@@ -174,6 +174,22 @@ def _codec_options(compress: str, is_float: bool) -> dict | None:
     return options
 
 
+def _encodes_here(out: RasterOutput, profile: dict) -> bool:
+    """Whether an output's tiles are encoded by geodino.tilecodec rather than by GDAL: one band
+    (GDAL interleaves several by pixel), DEFLATE."""
+    from geodino.tilecodec import PREDICTORS
+
+    return (out.data.shape[0] == 1 and str(profile.get("compress", "")).upper() == "DEFLATE"
+            and profile.get("predictor", 1) in PREDICTORS and "ZLEVEL" in profile)
+
+
+def _fill(out: RasterOutput):
+    """What pads an output's edge tiles: its nodata (NaN for floats without one), else 0."""
+    if out.nodata is not None:
+        return out.nodata
+    return float("nan") if out.dtype.startswith("float") else 0
+
+
 def _writes_direct(out: RasterOutput, compress: str) -> bool:
     """Whether an output's tiles can be written once, in their final codec and size, and moved
     into the COG as they are (else: a fast intermediate file that GDAL's COG driver re-encodes)."""
@@ -207,12 +223,13 @@ def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compr
     from geodino.overviews import Pyramid
     from geodino.rawpixels import RawPixels
     from geodino.stream import stream_blocks
+    from geodino.tilecodec import TileStore
     from geodino.tilerows import TileRows
 
     check_writable([o.path for o in outputs], overwrite)
     threads = max(1, (os.cpu_count() or 1) // max(1, len(outputs)))
     with contextlib.ExitStack() as stack:
-        staged, pyramids, direct, flat = [], [], [], []
+        staged, pyramids, direct, flat, stores = [], [], [], [], []
         for out in outputs:
             final_tmp = stack.enter_context(atomic_path(out.path))
             stream_tmp = stack.enter_context(_removed_after(partial_path(out.path)))
@@ -232,17 +249,26 @@ def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compr
                     if intermediate_compress.upper() == "ZSTD":
                         profile.update(ZSTD_LEVEL=1)
                     level_codec = dict(compress="ZSTD", ZSTD_LEVEL=1)
-                dst = open_files.enter_context(rasterio.open(stream_tmp, "w", **profile))
+                store = None
+                if direct[-1] and _encodes_here(out, profile) and Pyramid.streams(profile, out.data.chunks):
+                    # GDAL writes the structure, tiles are encoded here (geodino.tilecodec)
+                    encode = dict(predictor=profile["predictor"], level=profile["ZLEVEL"], fill=_fill(out))
+                    store = TileStore(stream_tmp.with_suffix(".tiles"), profile["height"], profile["width"],
+                                      COG_BLOCK, out.dtype, **encode)
+                    stack.callback(store.remove)
+                stores.append(store)
+                dst = open_files.enter_context(rasterio.open(stream_tmp, "w", **profile,
+                                                             **({"SPARSE_OK": True} if store is not None else {})))
                 _describe(dst, out)
                 raw = None
                 if out.trace_pixels and direct[-1] and RawPixels.supports(out.dtype, dst.count):
                     raw = RawPixels(stream_tmp.with_suffix(".pixels"), dst.height, dst.width, out.dtype)
                     stack.callback(raw.remove)
                 flat.append(raw)
-                writers.append(TileRows(dst, COG_BLOCK, on_row=None if raw is None else raw.write_rows)
+                writers.append(TileRows(dst, COG_BLOCK, on_row=None if raw is None else raw.write_rows, store=store)
                                if direct[-1] else _Plain(dst))
                 pyramid = Pyramid(stream_tmp, profile, out.data.chunks, classes=out.classes is not None,
-                                  codec=level_codec)
+                                  codec=level_codec, encode=encode if store is not None else None)
                 stack.callback(pyramid.cleanup)
                 if not pyramid.usable:
                     direct[-1] = False  # GDAL makes the overviews from the file: it re-encodes anyway
@@ -260,11 +286,11 @@ def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compr
                     sink.abort()
             for writer in writers:
                 writer.close()
-            for raw in flat:
-                if raw is not None:
-                    raw.close()
+            for closing in flat + stores:
+                if closing is not None:
+                    closing.close()
 
-        def convert(item, pyramid_profile, moved: bool) -> None:
+        def convert(item, pyramid_profile, moved: bool, store) -> None:
             from geodino.cog import LayoutError, assemble_cog
 
             out, stream_tmp, final_tmp = item
@@ -274,8 +300,11 @@ def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compr
             with stage("cog"):
                 if moved:
                     try:
-                        assemble_cog(stream_tmp, pyramid.paths if pyramid is not None else [], final_tmp)
+                        assemble_cog(stream_tmp, pyramid.paths if pyramid is not None else [], final_tmp,
+                                     tiles=[store] + (pyramid.stores if pyramid is not None else []))
                     except LayoutError:  # sources that do not fit one COG: GDAL's driver re-encodes them
+                        if store is not None:  # its files hold no tiles: nothing to re-encode from
+                            raise
                         moved = False
                 if not moved:
                     source = stream_tmp
@@ -286,7 +315,7 @@ def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compr
                     to_cog(source, final_tmp, resampling=out.overview_resampling, compress=compress, threads=threads)
 
         with ThreadPoolExecutor(max(2, len(staged)), thread_name_prefix="geodino-cog") as pool:
-            for done in [pool.submit(convert, *args) for args in zip(staged, pyramids, direct)]:
+            for done in [pool.submit(convert, *args) for args in zip(staged, pyramids, direct, stores)]:
                 done.result()
             # work on the finished files (still at their temporary paths), side by side:
             # e.g. polygons from the class COG while the quicklook draws from all of them

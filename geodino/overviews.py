@@ -93,8 +93,13 @@ def pool2(block: np.ndarray, classes: bool, nodata) -> np.ndarray:
 class Pyramid:
     """Streams overview levels of one output beside its intermediate GeoTIFF; see module doc."""
 
-    def __init__(self, base: Path, profile: dict, chunks, *, classes: bool, codec: dict | None = None) -> None:
-        """``codec``: creation options of the level files (default: the base profile's own)."""
+    def __init__(self, base: Path, profile: dict, chunks, *, classes: bool, codec: dict | None = None,
+                 encode: dict | None = None) -> None:
+        """``codec``: creation options of the level files (default: the base profile's own).
+        ``encode``: predictor, level and fill of :class:`geodino.tilecodec.TileStore`, to encode
+        the streamed levels' tiles here (their files then only hold the structure); the last
+        streamed level is left to GDAL when deeper levels are pooled from it."""
+        from geodino.tilecodec import TileStore
         from geodino.tilerows import TileRows
 
         self.base, self.classes = Path(base), classes
@@ -105,11 +110,24 @@ class Pyramid:
         self.streamed = streamable_levels(chunks, self.levels)
         self.paths = [self.base.with_name(f"{self.base.stem}.ovr{k + 1}.tif") for k in range(self.levels)]
         self._files = []
+        self.stores: list = [None] * self.levels  # TileStore of each level whose tiles are encoded here
         self._stack = contextlib.ExitStack()
         for k in range(self.streamed):
-            dst = self._stack.enter_context(rasterio.open(self.paths[k], "w", **self._profile(profile, k)))
-            self._files.append(TileRows(dst, OVERVIEW_BLOCK))
+            level = self._profile(profile, k)
+            if encode is not None and (k < self.streamed - 1 or self.streamed == self.levels):
+                self.stores[k] = TileStore(self.paths[k].with_suffix(".tiles"), level["height"], level["width"],
+                                           OVERVIEW_BLOCK, level["dtype"], **encode)
+                self._stack.callback(self.stores[k].close)
+                level["SPARSE_OK"] = True
+            dst = self._stack.enter_context(rasterio.open(self.paths[k], "w", **level))
+            self._files.append(TileRows(dst, OVERVIEW_BLOCK, store=self.stores[k]))
         self._profile_base = profile
+
+    @staticmethod
+    def streams(profile: dict, chunks) -> bool:
+        """Whether a Pyramid of this raster makes its levels as blocks stream (see :attr:`usable`)."""
+        levels = levels_needed(profile["height"], profile["width"])
+        return levels == 0 or streamable_levels(chunks, levels) > 0
 
     @property
     def usable(self) -> bool:
@@ -172,6 +190,9 @@ class Pyramid:
 
     def cleanup(self) -> None:
         self._stack.close()
+        for store in self.stores:
+            if store is not None:
+                store.remove()
         for p in self.paths + [self.base.with_name(f"{self.base.stem}.vrt")]:
             for leftover in (p, p.with_name(p.name + ".aux.xml")):
                 with contextlib.suppress(FileNotFoundError):

@@ -21,11 +21,13 @@ from rasterio.windows import Window
 class TileRows:
     """Write (band, rows, cols) blocks to an open tiled rasterio dataset, a row of tiles at a time."""
 
-    def __init__(self, dst, tile: int | None = None, on_row=None) -> None:
-        """``on_row(pixels, top)``: called with each whole row of tiles once GDAL has it (e.g. to
-        keep a flat copy for the polygoniser, :class:`geodino.rawpixels.RawPixels`)."""
+    def __init__(self, dst, tile: int | None = None, on_row=None, store=None) -> None:
+        """``on_row(pixels, top)``: called with each whole row of tiles once written (e.g. to keep
+        a flat copy for the polygoniser, :class:`geodino.rawpixels.RawPixels`). ``store``: a
+        :class:`geodino.tilecodec.TileStore` that encodes the rows instead of GDAL (``dst``
+        then only holds the image's structure)."""
         self.dst = dst
-        self.on_row = on_row
+        self.on_row, self.store = on_row, store
         self.tile = int(tile or dst.block_shapes[0][0])
         self.shape = (dst.count, dst.height, dst.width)
         self.dtype = np.dtype(dst.dtypes[0])
@@ -50,7 +52,10 @@ class TileRows:
             entry[1] += (end - r) * (cols.stop - cols.start)
             if entry[1] == (bottom - top) * width:
                 del self._pending[t]
-                self.dst.write(entry[0], window=Window(0, top, width, bottom - top))
+                if self.store is not None:
+                    self.store.write_row(entry[0], top)
+                else:
+                    self.dst.write(entry[0], window=Window(0, top, width, bottom - top))
                 if self.on_row is not None:
                     self.on_row(entry[0], top)
             r = end

@@ -135,7 +135,7 @@ def _describe(dst, out: RasterOutput) -> None:
 # DEFLATE level per kind of data, measured on a 4096^2 pipeline output (BENCHMARKS.md): float
 # heights at level 1 take 0.59x the CPU time of level 6 for 8% more bytes; class maps compress
 # best without a predictor, at the default level. ZSTD level 3: smaller than DEFLATE 6, as fast as DEFLATE 1.
-_LEVELS = {("DEFLATE", True): 1, ("DEFLATE", False): 6, ("ZSTD", True): 3, ("ZSTD", False): 3}
+_LEVELS = {("DEFLATE", True): 1, ("DEFLATE", False): 5, ("ZSTD", True): 3, ("ZSTD", False): 3}
 
 
 def to_cog(src_path: Path, dst_path: Path, *, resampling: str, compress: str = "DEFLATE",

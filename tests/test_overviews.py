@@ -39,6 +39,100 @@ def test_pool2_means_valid_values_and_takes_the_most_frequent_class():
     assert pool2(np.full((1, 2, 2), 255, np.uint8), True, 255)[0, 0, 0] == 255
 
 
+def _pool2_before(block, classes, nodata):
+    """pool2 as it was before its numpy work was cut down (commit 49dc3e5), the reference: the
+    levels must stay the same bytes, NaN bits and signs of zero included. Verbatim but for the
+    odd edges, padded here with np.pad (the same pixels)."""
+    _, h, w = block.shape
+    if h % 2 or w % 2:
+        block = np.pad(block, ((0, 0), (0, h % 2), (0, w % 2)), constant_values=np.nan if not classes else nodata)
+    a, b, cc, d = (block[:, i::2, j::2] for i in (0, 1) for j in (0, 1))
+    if not classes:
+        if not np.isnan(block).any():
+            out = a + b
+            out += cc
+            out += d
+            out *= 0.25
+            return out.astype(block.dtype, copy=False)
+        quarter = [a, b, cc, d]
+        valid = [~np.isnan(x) for x in quarter]
+        total = sum(np.where(v, x, 0).astype(np.float64) for x, v in zip(quarter, valid))
+        count = sum(v.astype(np.uint8) for v in valid)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(count > 0, total / np.maximum(count, 1), np.nan).astype(block.dtype)
+    quarter = [a, b, cc, d]
+    ok = [(x != nodata).view(np.uint8) for x in quarter] if nodata is not None else None
+    votes = [np.ones(a.shape, np.uint8) if ok is None else ok[i].copy() for i in range(4)]
+    for i in range(4):
+        for j in range(i + 1, 4):
+            same = (quarter[i] == quarter[j]).view(np.uint8)
+            if ok is not None:
+                same = same & ok[i] & ok[j]
+            votes[i] += same
+            votes[j] += same
+    out, top = a.copy(), votes[0]
+    for x, v in zip(quarter[1:], votes[1:]):
+        better = v > top
+        np.copyto(out, x, where=better)
+        top = np.maximum(top, v)
+    if nodata is not None:
+        out[top == 0] = nodata
+    return out
+
+
+def _assert_same_bytes(block, classes, nodata):
+    before = block.copy()
+    with np.errstate(over="ignore", invalid="ignore"):  # inf - inf, sums past float32's range
+        new, old = pool2(block, classes, nodata), _pool2_before(block, classes, nodata)
+    np.testing.assert_array_equal(block, before)  # the input is left as it was
+    assert new.dtype == old.dtype and new.shape == old.shape
+    assert new.tobytes() == old.tobytes(), np.argwhere(new.view(np.uint8) != old.view(np.uint8))[:5]
+
+
+def _quads(values):
+    """Every 2x2 quad over ``values`` (all patterns of equality and nodata), side by side."""
+    combos = np.array(np.meshgrid(*[values] * 4, indexing="ij")).reshape(4, -1)
+    block = np.empty((1, 2, 2 * combos.shape[1]), combos.dtype)
+    block[0, 0, 0::2], block[0, 0, 1::2], block[0, 1, 0::2], block[0, 1, 1::2] = combos
+    return block
+
+
+@pytest.mark.parametrize("nodata", [0, 255, None])
+def test_pool2_classes_are_the_same_bytes_as_before_on_every_pattern(nodata):
+    codes = np.array([10, 20, 30, 40], np.uint8)
+    for values in ([nodata, *codes] if nodata is not None else codes, codes):  # with nodata in it, then without
+        _assert_same_bytes(_quads(np.array(values, np.uint8)), True, nodata)
+    rng = np.random.default_rng(1)
+    fill = 0 if nodata is None else nodata
+    for shape in [(1, 448, 448), (2, 7, 9), (1, 1, 1), (1, 2, 2), (1, 3, 512), (3, 30, 31)]:
+        few = np.array([10, 20, fill], np.uint8)[rng.integers(0, 3, shape)]  # many ties and nodata
+        if nodata is None and (shape[1] % 2 or shape[2] % 2):
+            continue  # odd edges are padded with nodata: there is none to pad with
+        _assert_same_bytes(few, True, nodata)
+        _assert_same_bytes(np.full(shape, fill, np.uint8), True, nodata)  # all nodata / all one code
+
+
+def test_pool2_means_are_the_same_bytes_as_before():
+    rng = np.random.default_rng(2)
+    tiny, big = np.float32(2.0**-24), np.float32(3e38)
+    specials = np.array([np.nan, -0.0, 0.0, np.inf, -np.inf, 1.0, tiny, -tiny, big, -big, 1e-45, 7.3], np.float32)
+    for dtype in (np.float32, np.float64):
+        for shape in [(1, 448, 448), (1, 512, 512), (2, 7, 9), (1, 1, 1), (1, 2, 2), (1, 3, 2), (3, 31, 30)]:
+            x = rng.normal(10, 5, shape).astype(dtype)
+            _assert_same_bytes(x, False, np.nan)  # no NaN (float32 sums), but odd edges pad NaN
+            holes = x.copy()
+            holes[:, : shape[1] // 3, : shape[2] // 2] = np.nan  # quads with no valid value
+            holes[rng.random(shape) < 0.1] = np.nan
+            _assert_same_bytes(holes, False, np.nan)
+            _assert_same_bytes(specials[rng.integers(0, len(specials), shape)].astype(dtype), False, np.nan)
+            _assert_same_bytes(np.full(shape, np.nan, dtype), False, np.nan)
+            _assert_same_bytes(np.full(shape, -0.0, dtype), False, np.nan)  # -0.0 stays -0.0 without NaN
+        # every pattern of NaN, signed zeros, infinities and values whose sums round apart
+        _assert_same_bytes(_quads(np.array([np.nan, -0.0, 0.0, np.inf, -np.inf, 1.0, tiny], dtype)), False, np.nan)
+        no_nan = _quads(np.array([-0.0, 0.0, np.inf, -np.inf, 1.0, tiny, big], dtype))  # inf - inf: NaN, no NaN in
+        _assert_same_bytes(no_nan, False, np.nan)
+
+
 @pytest.mark.parametrize("chunks", [448, 300, 301])
 def test_streamed_overviews_equal_gdal_average_and_make_valid_cogs(tmp_path, chunks):
     """The COG's overviews are the streamed ones (whatever the blocks) and agree with GDAL's."""

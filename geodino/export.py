@@ -132,9 +132,11 @@ def _describe(dst, out: RasterOutput) -> None:
         dst.update_tags(1, CATEGORY_NAMES=";".join(cats))
 
 
-# DEFLATE level per kind of data, measured on a 4096^2 pipeline output (BENCHMARKS.md): float
-# heights at level 1 take 0.59x the CPU time of level 6 for 8% more bytes; class maps compress
-# best without a predictor, at the default level. ZSTD level 3: smaller than DEFLATE 6, as fast as DEFLATE 1.
+# DEFLATE level per kind of data (BENCHMARKS.md): float heights at level 1 take 0.59x the CPU
+# time of level 6 for 8% more bytes (4096² output); class maps compress best without a
+# predictor, and level 5 takes 0.4x the CPU of 6 for 19% more bytes (8192², GDAL's
+# libdeflate; geodino.tilecodec maps these levels onto ISA-L's). ZSTD level 3: smaller than
+# DEFLATE 6, as fast as DEFLATE 1.
 _LEVELS = {("DEFLATE", True): 1, ("DEFLATE", False): 5, ("ZSTD", True): 3, ("ZSTD", False): 3}
 
 

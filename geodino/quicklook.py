@@ -19,10 +19,10 @@ import numpy as np
 from geodino.export import atomic_path
 
 QUICKLOOK = "quicklook.png"
-PANEL_SIZE = 4.5  # inches a map panel (geodino.plot.side_by_side's default)
 PAD_INCHES = 0.15  # white margin around the tight bounding box
-# zlib level 4: measured on an 8192^2 run's quicklook, half the encoding time of the default
-# level 6 for 0.5 % more bytes (and RGB rather than RGBA: 10 % fewer bytes than before)
+# measured on an 8192^2 run's quicklook: RGB at zlib level 4 takes half the encoding time of
+# savefig's RGBA at the default level 6, for 10 % fewer bytes (RGB at level 6: a third more
+# time for 0.6 % fewer bytes)
 COMPRESS_LEVEL = 4
 
 
@@ -32,10 +32,11 @@ def quicklook(out_dir: str | Path, png: str | Path | None = None, *, scene=None,
 
     ``scene``: the scene to show first (a Scene, a file or a DataArray; ``stretch`` its (lo, hi)
     per band); without it, the scene recorded in ``out_dir/report.json`` if there is one. A
-    Scene is drawn from the decimated read its run has already made (no second decode).
-    ``files``: {output name: GeoTIFF} to draw instead of ``out_dir``'s (a run draws its
-    outputs before they are renamed into place). ``max_size``: the most pixels a side read for
-    a panel (a panel shows at most ``PANEL_SIZE * dpi``).
+    Scene is drawn from its decimated read (:meth:`geodino.scene.Scene.read_overview`): the one
+    its run made for its checks, if it made one. ``files``: {output name: GeoTIFF} to draw
+    instead of ``out_dir``'s (a run draws its outputs before they are renamed into place).
+    ``max_size``: the most pixels a side read for a panel (it shows fewer: see
+    :func:`thin_images`).
     """
     from geodino.plot import side_by_side
 
@@ -43,19 +44,23 @@ def quicklook(out_dir: str | Path, png: str | Path | None = None, *, scene=None,
     png = Path(png) if png is not None else out_dir / QUICKLOOK
     # a figure of its own that pyplot never sees: this also runs inside notebooks and threads
     fig = side_by_side(files if files is not None else out_dir, scene_source=scene, stretch=stretch,
-                       max_size=max_size, panel_size=PANEL_SIZE, pyplot=False)
-    thin_images(fig, math.ceil(PANEL_SIZE * dpi))
+                       max_size=max_size, pyplot=False)
+    thin_images(fig, dpi)
     with atomic_path(png) as tmp:
         save_tight_png(fig, tmp, dpi=dpi, pad_inches=PAD_INCHES)
     return png
 
 
-def thin_images(fig, pixels: int) -> None:
-    """Keep at most ``pixels`` rows and columns of each image in ``fig``, the nearest to where
-    they fall (what imshow's nearest-neighbour resampling keeps when it draws a larger array
-    into that many pixels): resampling an 800-pixel array costs imshow more than the figure
-    shows. Images keep their extent."""
-    for ax in fig.axes:
+def thin_images(fig, dpi: float) -> None:
+    """Keep no more rows and columns of each image in ``fig`` (map axes in one row) than its
+    axes can have pixels at ``dpi``, the nearest to where they fall: what imshow's
+    nearest-neighbour resampling keeps of a larger array, which costs imshow more than the
+    figure shows. Images keep their extent."""
+    maps = [ax for ax in fig.axes if ax.get_images()]
+    width, height = fig.get_size_inches()
+    # an axes of a row of n is at most the figure's height tall and an n-th of its width wide
+    pixels = math.ceil(max(width / max(len(maps), 1), height) * dpi)
+    for ax in maps:
         for image in ax.get_images():
             data = image.get_array()
             rows, cols = (_nearest(n, pixels) for n in data.shape[:2])

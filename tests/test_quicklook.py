@@ -68,16 +68,16 @@ def test_an_artist_outside_the_figure_is_kept(tmp_path):
 
 
 def test_thin_images_keeps_the_nearest_rows_and_columns_and_the_extent():
-    fig = Figure()
+    fig = Figure(figsize=(1, 0.5))
     ax = fig.subplots()
     data = np.arange(1000 * 10, dtype=np.float32).reshape(1000, 10)
     image = ax.imshow(data, extent=(0, 10, 0, 1000), interpolation="nearest")
-    thin_images(fig, 100)
+    thin_images(fig, dpi=100)  # the axes is at most 100 pixels wide or tall
     thinned = image.get_array()
     assert thinned.shape == (100, 10)
     assert np.array_equal(thinned[:, 0], data[5::10, 0])  # row i holds source row 10 i + 5, its centre
     assert np.array_equal(thinned[7], data[75])
     assert tuple(image.get_extent()) == (0, 10, 0, 1000)
     masked = ax.imshow(np.ma.masked_invalid(np.where(data > 5000, np.nan, data)), extent=(0, 10, 0, 1000))
-    thin_images(fig, 100)
+    thin_images(fig, dpi=100)
     assert masked.get_array().mask[:, 0].tolist() == [r > 500 for r in range(5, 1000, 10)]

@@ -269,9 +269,9 @@ def _stretched(data, valid, lo, hi, extent, crs) -> MapImage:
 
 
 def _axes(ax, figsize=(6, 5.5)):
-    import matplotlib.pyplot as plt
-
     if ax is None:
+        import matplotlib.pyplot as plt  # only here: figures without pyplot never import it
+
         _, ax = plt.subplots(figsize=figsize, layout="constrained")
     return ax
 

@@ -149,6 +149,12 @@ class Scene:
                 if reader is False:
                     qualifies = not self.warped and self.source == self.paths[0]
                     reader = TiledReader.for_dataset(ds, self.bands, self._valid) if qualifies else None
+                    grid = self._sample_grid(OVERVIEW_SIZE)
+                    if reader is not None and grid is not None and not ds.overviews(self.bands[0]) \
+                            and OVERVIEW_SIZE not in self.__dict__.get("_overview_memo", {}):
+                        # the decimated read of the quicklook and statistics, gathered as the
+                        # run's windows decode the tiles (no second decoding of the scene)
+                        self.__dict__["_sample"] = (OVERVIEW_SIZE, reader.sample_every(*grid))
                     self.__dict__["_tiles"] = reader
         return reader
 
@@ -234,6 +240,7 @@ class Scene:
         state = dict(self.__dict__)
         state.pop("_overview_memo", None)
         state.pop("_tiles", None)  # decoded tiles, likewise
+        state.pop("_sample", None)
         return state
 
     def read_overview(self, max_size: int = OVERVIEW_SIZE) -> tuple[np.ndarray, np.ndarray]:
@@ -250,8 +257,15 @@ class Scene:
         values come back as a new float32 array each time; the validity is shared, read-only.
         """
         memo = self.__dict__.setdefault("_overview_memo", {})
+        size, sample = self.__dict__.get("_sample", (None, None))
         if max_size not in memo:
-            data, valid = self._read_overview(max_size)
+            if size == max_size and sample.complete:  # gathered while the run decoded the tiles
+                data, valid = sample.data, sample.valid.copy()
+                if data.dtype.kind == "f":  # as a read: non-finite values are invalid, 0
+                    finite = np.isfinite(data).all(axis=0)
+                    data, valid = np.where(finite[None], data, 0).astype(np.float32), valid & finite
+            else:
+                data, valid = self._read_overview(max_size)
             if self.dtype in ("uint8", "int8", "uint16", "int16"):
                 compact = data.astype(self.dtype)
                 data = compact if np.array_equal(compact, data) else data
@@ -269,6 +283,15 @@ class Scene:
         if reader:
             reader.cache.clear()
 
+    def _sample_grid(self, max_size: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Rows and columns of a decimated read to ``max_size`` without overviews (every f-th
+        pixel from f // 2 on); None when the scene is no larger than that."""
+        scale = max(self.grid.width, self.grid.height) / max_size
+        if scale <= 1:
+            return None
+        f = math.ceil(scale)
+        return np.arange(f // 2, self.grid.height, f), np.arange(f // 2, self.grid.width, f)
+
     def _read_overview(self, max_size: int) -> tuple[np.ndarray, np.ndarray]:
         ds = self._dataset()
         scale = max(self.grid.width, self.grid.height) / max_size
@@ -282,9 +305,7 @@ class Scene:
                 valid = self._valid(ds, out_shape=shape)
             finite = np.isfinite(data).all(axis=0)
             return np.where(finite[None], data, 0.0), valid & finite
-        f = math.ceil(scale)
-        rows = np.arange(f // 2, self.grid.height, f)
-        cols = np.arange(f // 2, self.grid.width, f)
+        rows, cols = self._sample_grid(max_size)
         data = np.zeros((len(self.bands), len(rows), len(cols)), np.float32)
         valid = np.zeros((len(rows), len(cols)), bool)
         bh, bw = ds.block_shapes[self.bands[0] - 1]

@@ -127,7 +127,19 @@ class TiledReader:
         win = Window(tc * bw, tr * bh, min(bw, self.width - tc * bw), min(bh, self.height - tr * bh))
         data = ds.read(self.bands, window=win)
         valid = None if self.all_valid else self.valid_of(ds, window=win)
+        sample = self.sample
+        if sample is not None:
+            sample.take(tr * bh, tc * bw, data, valid)
         return data, valid
+
+    sample: Sample | None = None
+
+    def sample_every(self, rows: np.ndarray, cols: np.ndarray) -> Sample:
+        """Also keep the pixels at ``rows`` x ``cols`` of every tile decoded from now on (a
+        decimated read of the scene that costs no decoding of its own; see :class:`Sample`)."""
+        self.sample = Sample(rows, cols, len(self.bands), self.dtype, self.block, self.height, self.width)
+        return self.sample
+
 
     def read(self, ds, window: Window, out: np.ndarray, keep: bool = True) -> np.ndarray:
         """Fill ``out`` (bands, h, w) float32 with ``window`` (inside the source); return its validity.
@@ -152,4 +164,39 @@ class TiledReader:
         return valid
 
 
-__all__ = ["EXACT_IN_FLOAT32", "TileCache", "TiledReader", "all_valid"]
+class Sample:
+    """The pixels of a grid of sampled rows and columns, gathered tile by tile as tiles are decoded.
+
+    A run decodes every tile of its scene once for its windows; the quicklook and scene
+    statistics need every f-th pixel of the scene, which otherwise costs a second decoding
+    of every tile (0.65 CPU-s for an 8192² RGB scene, on the run's tail). ``complete`` once
+    every tile has been seen; ``data`` (bands, rows, cols) in the source type and ``valid``
+    then hold exactly what :meth:`geodino.scene.Scene.read_overview` would read.
+    """
+
+    def __init__(self, rows, cols, bands: int, dtype, block, height: int, width: int) -> None:
+        self.rows, self.cols = np.asarray(rows), np.asarray(cols)
+        self.data = np.zeros((bands, len(self.rows), len(self.cols)), dtype)
+        self.valid = np.ones((len(self.rows), len(self.cols)), bool)
+        bh, bw = block
+        self.block = block
+        self._pending = {(r, c) for r in range(math.ceil(height / bh)) for c in range(math.ceil(width / bw))}
+        self._lock = threading.Lock()
+
+    @property
+    def complete(self) -> bool:
+        return not self._pending
+
+    def take(self, top: int, left: int, data: np.ndarray, valid: np.ndarray | None) -> None:
+        bh, bw = self.block
+        r = np.searchsorted(self.rows, [top, top + data.shape[1]])
+        c = np.searchsorted(self.cols, [left, left + data.shape[2]])
+        if r[1] > r[0] and c[1] > c[0]:
+            sel = np.ix_(self.rows[r[0]:r[1]] - top, self.cols[c[0]:c[1]] - left)
+            self.data[:, r[0]:r[1], c[0]:c[1]] = data[(slice(None),) + sel]
+            if valid is not None:
+                self.valid[r[0]:r[1], c[0]:c[1]] = valid[sel]
+        with self._lock:
+            self._pending.discard((top // bh, left // bw))
+
+__all__ = ["EXACT_IN_FLOAT32", "Sample", "TileCache", "TiledReader", "all_valid"]

@@ -112,3 +112,30 @@ def test_other_sources_read_through_gdal(tmp_path):
     assert not reader.fits(96, 96)  # 49 strips a window: GDAL's read is cheaper
     ref = _gdal_only(strips)
     np.testing.assert_array_equal(scene.read(Window(0, 7, 80, 96))[0], ref.read(Window(0, 7, 80, 96))[0])
+
+
+@pytest.mark.parametrize("kind", ["uint8", "uint16-nodata-band-interleaved", "int16-band-subset",
+                                  "float32-nan-nodata", "uint8-internal-mask", "uint8-alpha"])
+def test_the_decimated_read_is_gathered_as_windows_decode_the_tiles(tmp_path, monkeypatch, kind):
+    """After a run's windows, the quicklook's decimated read decodes nothing again and equals
+    the decimated read of a scene that made it from scratch."""
+    import geodino.scene
+
+    monkeypatch.setattr(geodino.scene, "OVERVIEW_SIZE", 64)  # 250 x 300 px: every 5th pixel
+    path, kw = _case(tmp_path, kind)
+    scene = open_scene(path, **kw)
+    for win in _windows():
+        scene.read(win)
+    reader = scene._tiled_reader(scene._dataset())
+    loads = reader.cache.loads
+    assert reader.sample is not None and reader.sample.complete
+    scene.release_tiles()
+    data, valid = scene.read_overview(64)
+    assert reader.cache.loads == loads  # no tile decoded again
+    ref, ref_valid = open_scene(path, **kw)._read_overview(64)
+    assert data.shape == ref.shape == (ref.shape[0], 50, 60)
+    np.testing.assert_array_equal(data, ref)
+    np.testing.assert_array_equal(valid, ref_valid)
+    assert scene.read_overview(64)[0] is not data  # a new array each time, as before
+    # a size the windows did not gather is read as before
+    np.testing.assert_array_equal(scene.read_overview(32)[0], open_scene(path, **kw)._read_overview(32)[0])

@@ -1,9 +1,8 @@
-"""Writing outputs: atomic file placement, GeoTIFF/COG export, class polygons."""
+"""Writing outputs: atomic file placement, streamed COG export (codecs: :mod:`geodino.cogcodec`), class polygons."""
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import uuid
 from pathlib import Path
@@ -12,7 +11,9 @@ from typing import Iterator
 import rasterio
 from rasterio.windows import Window
 
+from geodino import cogcodec
 from geodino.classes import ClassTable
+from geodino.cogcodec import COG_BLOCK, stream_tile_size, to_cog  # noqa: F401 - also geodino.export's API
 from geodino.errors import OutputExistsError
 from geodino.timing import stage
 
@@ -59,9 +60,6 @@ def polygonize(raster: str | os.PathLike, out: str | os.PathLike, classes: Class
 # --------------------------------------------------------------------------------------
 # GeoTIFF / COG export from lazy arrays
 
-COG_BLOCK = 512
-
-
 class RasterOutput:
     """One raster to export: a lazy (band, y, x) DataArray plus how to describe it."""
 
@@ -100,17 +98,6 @@ class RasterOutput:
                     blockysize=block, compress=compress, predictor=predictor, BIGTIFF="IF_SAFER")
 
 
-def stream_tile_size(chunks) -> int:
-    """Tile size of the intermediate GeoTIFF that blocks stream into: the largest power of two
-    up to 512 dividing every block boundary, so each block write completes whole tiles and
-    GDAL never holds a half-written tile (a row of those is as wide as the scene)."""
-    bounds = [b for axis in chunks[-2:] for b in itertools.accumulate(axis[:-1])]
-    for size in (512, 256, 128, 64, 32, 16):
-        if all(b % size == 0 for b in bounds):
-            return size
-    return COG_BLOCK
-
-
 def _describe(dst, out: RasterOutput) -> None:
     if out.descriptions:
         for i, d in enumerate(out.descriptions, start=1):
@@ -130,78 +117,6 @@ def _describe(dst, out: RasterOutput) -> None:
         for c in out.classes.classes:
             cats[c.code] = c.name
         dst.update_tags(1, CATEGORY_NAMES=";".join(cats))
-
-
-# DEFLATE level per kind of data (BENCHMARKS.md): float heights at level 1 take 0.59x the CPU
-# time of level 6 for 8% more bytes (4096² output); class maps compress best without a
-# predictor, and level 5 takes 0.4x the CPU of 6 for 19% more bytes (8192², GDAL's
-# libdeflate; geodino.tilecodec maps these levels onto ISA-L's). ZSTD level 3: smaller than
-# DEFLATE 6, as fast as DEFLATE 1.
-_LEVELS = {("DEFLATE", True): 1, ("DEFLATE", False): 5, ("ZSTD", True): 3, ("ZSTD", False): 3}
-
-
-def to_cog(src_path: Path, dst_path: Path, *, resampling: str, compress: str = "DEFLATE",
-           threads: int | str = "ALL_CPUS") -> None:
-    """Convert a tiled GeoTIFF (or a VRT of one) into a Cloud-Optimized GeoTIFF with internal
-    overviews: the source's own overviews where it has them, else made with ``resampling``."""
-    from rasterio.shutil import copy as rio_copy
-
-    with rasterio.open(src_path) as src:
-        is_float = src.dtypes[0].startswith("float")
-    options = dict(COMPRESS=compress.upper(), PREDICTOR="FLOATING_POINT" if is_float else "NO")
-    level = _LEVELS.get((compress.upper(), is_float))
-    if level is not None:
-        options["LEVEL"] = str(level)
-    rio_copy(str(src_path), str(dst_path), driver="COG", BLOCKSIZE=str(COG_BLOCK),
-             OVERVIEW_RESAMPLING=resampling.upper(), RESAMPLING=resampling.upper(), BIGTIFF="IF_SAFER",
-             NUM_THREADS=str(threads), **options)
-
-
-# Pixels that :class:`geodino.tilerows.TileRows` may hold for one output (full resolution and
-# its overview levels) before the output is staged instead: 16384 px wide float32 holds ~130 MB.
-DIRECT_BUFFER_LIMIT = 160 * 2**20
-
-
-def _codec_options(compress: str, is_float: bool) -> dict | None:
-    """GTiff creation options that encode tiles as the COG driver would (None: not offered)."""
-    compress = compress.upper()
-    level = _LEVELS.get((compress, is_float))
-    options = dict(compress=compress, predictor=3 if is_float else 1)
-    if compress == "DEFLATE":
-        options["ZLEVEL"] = level
-    elif compress == "ZSTD":
-        options["ZSTD_LEVEL"] = level
-    elif compress not in ("LZW", "NONE"):
-        return None
-    return options
-
-
-def _encodes_here(out: RasterOutput, profile: dict) -> bool:
-    """Whether an output's tiles are encoded by geodino.tilecodec rather than by GDAL: one band
-    (GDAL interleaves several by pixel), DEFLATE."""
-    from geodino.tilecodec import PREDICTORS
-
-    return (out.data.shape[0] == 1 and str(profile.get("compress", "")).upper() == "DEFLATE"
-            and profile.get("predictor", 1) in PREDICTORS and "ZLEVEL" in profile)
-
-
-def _fill(out: RasterOutput):
-    """What pads an output's edge tiles: its nodata (NaN for floats without one), else 0."""
-    if out.nodata is not None:
-        return out.nodata
-    return float("nan") if out.dtype.startswith("float") else 0
-
-
-def _writes_direct(out: RasterOutput, compress: str) -> bool:
-    """Whether an output's tiles can be written once, in their final codec and size, and moved
-    into the COG as they are (else: a fast intermediate file that GDAL's COG driver re-encodes)."""
-    from geodino.tilerows import TileRows
-
-    count, _, width = out.data.shape
-    if _codec_options(compress, out.dtype.startswith("float")) is None:
-        return False
-    # full resolution plus overview levels (half as wide each): at most twice the former
-    return 2 * TileRows.buffer_bytes(count, width, out.dtype, COG_BLOCK) <= DIRECT_BUFFER_LIMIT
 
 
 def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compress: str = "DEFLATE",
@@ -240,9 +155,9 @@ def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compr
             writers = []
             for out, stream_tmp, _ in staged:
                 is_float = out.dtype.startswith("float")
-                if _writes_direct(out, compress):
+                if cogcodec.writes_direct(out.data.shape, out.dtype, compress):
                     direct.append(True)
-                    codec = _codec_options(compress, is_float)
+                    codec = cogcodec.codec_options(compress, is_float)
                     profile = out.creation_profile(compress, COG_BLOCK) | codec
                     level_codec = codec
                 else:
@@ -252,9 +167,10 @@ def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compr
                         profile.update(ZSTD_LEVEL=1)
                     level_codec = dict(compress="ZSTD", ZSTD_LEVEL=1)
                 store = None
-                if direct[-1] and _encodes_here(out, profile) and Pyramid.streams(profile, out.data.chunks):
+                if direct[-1] and cogcodec.encodes_here(out.data.shape[0], profile) \
+                        and Pyramid.streams(profile, out.data.chunks):
                     # GDAL writes the structure, tiles are encoded here (geodino.tilecodec)
-                    encode = dict(predictor=profile["predictor"], level=profile["ZLEVEL"], fill=_fill(out))
+                    encode = dict(predictor=profile["predictor"], level=profile["ZLEVEL"], fill=cogcodec.fill_value(out.dtype, out.nodata))
                     store = TileStore(stream_tmp.with_suffix(".tiles"), profile["height"], profile["width"],
                                       COG_BLOCK, out.dtype, **encode)
                     stack.callback(store.remove)

@@ -11,7 +11,7 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 from rio_cogeo.cogeo import cog_validate
 
-from geodino import export
+from geodino import cogcodec
 from geodino.cog import LayoutError, assemble_cog
 from geodino.export import RasterOutput, write_rasters
 from geodino.tilerows import TileRows
@@ -160,13 +160,13 @@ def test_write_rasters_moves_tiles_and_matches_gdals_cog_driver(tmp_path, monkey
     table = ClassTable((LandCoverClass(1, "Tree cover", CMAP[0][:3]), LandCoverClass(2, "Built-up", CMAP[1][:3]),
                         LandCoverClass(3, "Water", CMAP[2][:3])))
     moved = []
-    real = export._writes_direct
+    real = cogcodec.writes_direct
 
-    def spy(out, compress):
-        moved.append(real(out, compress))
+    def spy(shape, dtype, compress):
+        moved.append(real(shape, dtype, compress))
         return moved[-1]
 
-    monkeypatch.setattr(export, "_writes_direct", spy)
+    monkeypatch.setattr(cogcodec, "writes_direct", spy)
 
     def outputs(folder):
         return [_output(folder, "canopy_height.tif", heights, "float32", nodata=float("nan"), units="m",
@@ -176,7 +176,7 @@ def test_write_rasters_moves_tiles_and_matches_gdals_cog_driver(tmp_path, monkey
 
     direct = write_rasters(outputs(tmp_path / "direct"))
     assert moved == [True, True]
-    monkeypatch.setattr(export, "DIRECT_BUFFER_LIMIT", 0)
+    monkeypatch.setattr(cogcodec, "DIRECT_BUFFER_LIMIT", 0)
     staged = write_rasters(outputs(tmp_path / "staged"))
     assert moved[2:] == [False, False]
     for a, b in zip(direct, staged):

@@ -268,13 +268,25 @@ def assemble_upsampled(name: str, channels: int, scale: int, coarse_shape: tuple
     a coarse pixel, with one coarse pixel of margin), so results do not depend on chunks.
     NaN where no valid input pixel lies.
     """
-    import torch
-    import torch.nn.functional as F
-
     with stage("blend"):
         pr0, pr1, pc0, pc1 = coarse_rect(r0, r1, c0, c1, scale, coarse_shape)
         acc, wsum = _accumulate(name, channels, pr0, pr1, pc0, pc1, batches)
         valid = _valid_block(r0, r1, c0, c1, batches)
+    return upsample_block(acc, wsum, valid, scale, (pr0, pc0), (r0, c0))
+
+
+def upsample_block(acc: np.ndarray, wsum: np.ndarray, valid: np.ndarray, scale: int, origin: tuple[int, int],
+                   block: tuple[int, int]) -> np.ndarray:
+    """Normalised bilinear upsampling of blended sums ``acc`` (C, h, w) and weights ``wsum``.
+
+    ``origin``: the global coarse (row, col) of ``acc[:, 0, 0]``; ``block``: the global
+    full-resolution (row, col) where the result starts; ``valid``: its validity and shape.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    channels, (pr0, pc0), (r0, c0) = acc.shape[0], origin, block
+    r1, c1 = r0 + valid.shape[0], c0 + valid.shape[1]
     with stage("upsample"):
         # channels-last: torch's bilinear kernel then costs 0.4x the CPU time (measured)
         stack = torch.from_numpy(np.concatenate([acc, wsum[None]]).transpose(1, 2, 0)[None]).permute(0, 3, 1, 2)
@@ -329,7 +341,8 @@ class _Counter:
 
 def stitch(scene, normalise, tiles: Sequence[Tile], predictor: Predictor, outputs: Mapping[str, OutputSpec], *,
            overlap: int, batch_size: int = 8, chunks: int = 1024,
-           progress: Callable[[int], None] | None = None) -> dict[str, xr.DataArray]:
+           progress: Callable[[int], None] | None = None,
+           class_codes: Mapping[str, tuple[np.ndarray, int]] | None = None) -> dict[str, xr.DataArray]:
     """Lazy stitched outputs on the scene's processing grid (or its coarsened grids).
 
     Returns one dask-backed DataArray (channel, y, x) per output, float32, NaN where no valid
@@ -338,7 +351,14 @@ def stitch(scene, normalise, tiles: Sequence[Tile], predictor: Predictor, output
     :func:`block_size`); coarsened outputs (e.g. embeddings) use ``chunks // scale``.
     Raises GDAL's block cache if the source needs more than it holds (striped files:
     :func:`geodino.scene.ensure_block_cache`).
+
+    ``class_codes``: {name: (codes, nodata)} for upsampled outputs whose class map is wanted
+    too: ``{name}_codes`` is then a (1, y, x) uint8 array of the code of each pixel's largest
+    channel, ``nodata`` where the output is NaN, made from the same batches without
+    interpolating every channel (:func:`geodino.classmap.assemble_codes`).
     """
+    from geodino.classmap import assemble_codes
+
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     grid: Grid = scene.grid
@@ -361,7 +381,8 @@ def stitch(scene, normalise, tiles: Sequence[Tile], predictor: Predictor, output
         csize = block_size(chunks, window, overlap) if s == 1 else max(1, chunks // s)
         rchunks, cchunks = _chunks(oh, csize), _chunks(ow, csize)
         out_name = f"geodino-{name}-{token}"
-        layer = {}
+        layer, codes_layer = {}, {}
+        codes = (class_codes or {}).get(name) if spec.upsample else None
         r0 = 0
         for bi, rh in enumerate(rchunks):
             c0 = 0
@@ -374,15 +395,22 @@ def stitch(scene, normalise, tiles: Sequence[Tile], predictor: Predictor, output
                 else:
                     task = (assemble_block, name, spec.channels, r0, r0 + rh, c0, c0 + cw)
                     lo_r, hi_r, lo_c, hi_c, ts = r0, r0 + rh, c0, c0 + cw, s
-                needed = _touching(batch_rows, lo_r, hi_r, lo_c, hi_c, ts)
-                layer[(out_name, 0, bi, bj)] = task + tuple((batch_name, k) for k in needed)
+                needed = tuple((batch_name, k) for k in _touching(batch_rows, lo_r, hi_r, lo_c, hi_c, ts))
+                layer[(out_name, 0, bi, bj)] = task + needed
+                if codes is not None:
+                    codes_layer[(out_name + "-codes", 0, bi, bj)] = (assemble_codes, name, spec.channels, spec.scale,
+                                                                     coarse, *codes, *task[-4:]) + needed
                 c0 += cw
             r0 += rh
-        graph = HighLevelGraph(layers={batch_name: batch_layer, out_name: layer},
-                               dependencies={batch_name: set(), out_name: {batch_name}})
-        arr = da.Array(graph, out_name, chunks=((spec.channels,), rchunks, cchunks), dtype=np.float32)
         out_grid = grid if s == 1 else grid.coarsen(s)
-        results[name] = to_dataarray(arr, out_grid, spec.names)
+        for key, lay, channels, dtype in ((name, layer, spec.channels, np.float32),
+                                          (f"{name}_codes", codes_layer, 1, np.uint8)):
+            if lay:
+                lname = next(iter(lay))[0]
+                graph = HighLevelGraph(layers={batch_name: batch_layer, lname: lay},
+                                       dependencies={batch_name: set(), lname: {batch_name}})
+                arr = da.Array(graph, lname, chunks=((channels,), rchunks, cchunks), dtype=dtype)
+                results[key] = to_dataarray(arr, out_grid, *((spec.names,) if key == name else (None, codes[1])))
     return results
 
 
@@ -414,7 +442,7 @@ def _touching(batch_rows, r0: int, r1: int, c0: int, c1: int, s: int) -> list[in
     return sorted(set(found))
 
 
-def to_dataarray(arr, grid: Grid, names: Sequence[str] | None = None) -> xr.DataArray:
+def to_dataarray(arr, grid: Grid, names: Sequence[str] | None = None, nodata: float = np.nan) -> xr.DataArray:
     """Wrap a (channel, y, x) array with pixel-centre coordinates, CRS and transform."""
     import rioxarray  # noqa: F401
 
@@ -426,5 +454,5 @@ def to_dataarray(arr, grid: Grid, names: Sequence[str] | None = None) -> xr.Data
     if names is not None:
         out = out.assign_coords(band_name=("band", list(names)))
     out = out.rio.write_crs(grid.crs).rio.write_transform(t)
-    out = out.rio.write_nodata(np.nan, encoded=False)
+    out = out.rio.write_nodata(nodata, encoded=False)
     return out

@@ -282,24 +282,42 @@ def upsample_block(acc: np.ndarray, wsum: np.ndarray, valid: np.ndarray, scale: 
     ``origin``: the global coarse (row, col) of ``acc[:, 0, 0]``; ``block``: the global
     full-resolution (row, col) where the result starts; ``valid``: its validity and shape.
     """
-    import torch
-    import torch.nn.functional as F
-
-    channels, (pr0, pc0), (r0, c0) = acc.shape[0], origin, block
-    r1, c1 = r0 + valid.shape[0], c0 + valid.shape[1]
+    channels = acc.shape[0]
     with stage("upsample"):
-        # channels-last: torch's bilinear kernel then costs 0.4x the CPU time (measured)
-        stack = torch.from_numpy(np.concatenate([acc, wsum[None]]).transpose(1, 2, 0)[None]).permute(0, 3, 1, 2)
-        up = F.interpolate(stack, scale_factor=scale, mode="bilinear", align_corners=False)[0]
-        up = up[:, r0 - pr0 * scale:r1 - pr0 * scale, c0 - pc0 * scale:c1 - pc0 * scale].numpy()
-        # one pass from the channels-last result into a channel-first block; dividing
-        # everywhere and then blanking is half the cost of a masked divide (same values)
-        out = np.empty((channels, r1 - r0, c1 - c0), np.float32)
+        up = interpolate_block(acc, wsum, scale, origin, block, valid.shape)
+        # one pass from the interpolated region into the block; dividing everywhere and
+        # then blanking is half the cost of a masked divide (same values)
+        out = np.empty((channels,) + valid.shape, np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
             np.divide(up[:channels], up[channels], out=out)
         if not valid.all():
             out[:, ~valid] = np.nan
         return out
+
+
+def interpolate_block(acc: np.ndarray, wsum: np.ndarray, scale: int, origin: tuple[int, int],
+                      block: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    """(C + 1, h, w) view: sums and weight bilinearly interpolated over the block (not divided).
+
+    As ``F.interpolate(scale_factor=scale, align_corners=False)`` of the region, whose output
+    the block is cut from; torch's operator is called with that scale but an output that
+    stops at the block's end (the rows and columns after it are not computed). Each pixel's
+    source position and weights come from its offset and the scale alone, and torch's
+    generic kernel (output height + width > 128, input not channels-last) computes a pixel
+    from those alone, so the values are the same bits; a region whose cut output would fall
+    under that threshold is interpolated whole, as before.
+    """
+    import torch
+
+    (pr0, pc0), (r0, c0), (h, w) = origin, block, shape
+    top, left = r0 - pr0 * scale, c0 - pc0 * scale
+    size = [top + h, left + w]
+    if sum(size) <= 128:
+        size = [acc.shape[1] * scale, acc.shape[2] * scale]
+    # contiguous (C, h, w) memory: torch's generic kernel, the one blocks have always used
+    stack = torch.from_numpy(np.concatenate([acc, wsum[None]])[None])
+    up = torch.ops.aten.upsample_bilinear2d(stack, size, False, float(scale), float(scale))[0]
+    return up.numpy()[:, top:top + h, left:left + w]
 
 
 def _batches(tiles: Sequence[Tile], batch_size: int) -> list[list[Tile]]:

@@ -379,8 +379,7 @@ def test_class_codes_are_the_argmax_of_the_upsampled_logits_bit_for_bit():
                     a, ws, v = acc[:, pr0:pr1, pc0:pc1], wsum[pr0:pr1, pc0:pc1], valid[r0:r1, c0:c1]
                     ref = _reference_codes(a, ws, v, s, (pr0, pc0), (r0, c0), codes[:c], nodata)
                     up = interpolate_block(a, ws, s, (pr0, pc0), (r0, c0), v.shape)
-                    got = argmax_codes(up[:c], codes[:c], nodata, weight=up[c])
-                    got[~v] = nodata
+                    got = argmax_codes(up[:c], codes[:c], nodata, weight=up[c], valid=v)
                     where = f"trial {trial} scale {s} scene {h}x{w} block {r0}:{r1}, {c0}:{c1}"
                     np.testing.assert_array_equal(got, ref, err_msg=where)
                     # the probabilities' float block is cut from the same values

@@ -1,17 +1,17 @@
 """Land-cover class codes of an upsampled output, made in the task that interpolates it.
 
-Before, the blended logits were interpolated to full resolution, divided into a (C, h, w)
-float block (NaN where invalid), and a second dask task took the argmax of that block. Here
-one task does both, and the division is fused with the running maximum: one channel's
-quotients at a time, never the whole float block. Same quotients, same comparisons, so the
-same codes bit for bit.
+Before, each full-resolution block of blended logits was interpolated, divided into a
+(C, h, w) float block (NaN where invalid), and a second dask task took its argmax. Here one
+task does both (:func:`assemble_codes`): the interpolation stops at the block's end, the
+division is fused with the running maximum (one channel's quotients at a time, never the
+float block), and the argmax uses no masked stores. Same quotients, same comparisons, so the
+same codes bit for bit; the probabilities output still gets the float block.
 
-Tried first and dropped (commit a54a177 on this branch): filling the 16 x 16 cells whose 4
-corner nodes agree on a class with a safe margin (exact: a convex combination of the nodes,
-guarded against rounding) and interpolating only border cells, laid out in strips. Bit-
-identical, but the bench's map has class borders in ~47% of cells, and gathering nodes and
-pixels for the strips cost more than the interpolation saved: no faster on the bench, nor on
-a map with blobs four times as wide (figures in the branch's report).
+Tried first and dropped (commit a54a177 on the lccodes branch): filling the 16 x 16 cells
+whose 4 corner nodes agree on a class with a rounding-safe margin and interpolating only the
+border cells (in strips, torch's generic kernel). Bit-identical, but the bench's map has
+class borders in ~47% of cells and gathering nodes and pixels for the strips cost more than
+the interpolation it saved: no faster on the bench, nor on a map with blobs 4x as wide.
 """
 
 from __future__ import annotations

@@ -99,7 +99,8 @@ def build_run(scene_paths, options: RunOptions, progress=None, grid=None, adjust
     batch_size = options.batch_size or auto_batch_size(bundle, spec.size)
     bundle = bundle.with_batch_size(batch_size)  # a compiled model pads every call to it
     classes = _classes_of(bundle)
-    # the class map straight from the patch grid: full-resolution logits only where asked for
+    # the class map is made in the tasks that interpolate the logits (geodino.upsample): the
+    # float logits at full resolution are computed only for the probabilities output
     class_codes = {"landcover": (np.asarray(classes.codes, np.uint8), classes.nodata)} if classes else None
     stitched = stitch(scene, norm, tiles, bundle, bundle.outputs(), overlap=spec.overlap,
                       batch_size=batch_size, chunks=options.chunks, progress=advance, class_codes=class_codes)

@@ -257,69 +257,6 @@ def coarse_rect(r0: int, r1: int, c0: int, c1: int, scale: int, coarse_shape: tu
             max(0, c0 // scale - 1), min(cw, -(-c1 // scale) + 1))
 
 
-def assemble_upsampled(name: str, channels: int, scale: int, coarse_shape: tuple[int, int],
-                       r0: int, r1: int, c0: int, c1: int, *batches) -> np.ndarray:
-    """Full-resolution block [r0:r1, c0:c1] of an output blended on the grid coarsened by ``scale``.
-
-    The blended sums and weights of the coarse pixels around the block are interpolated
-    bilinearly (half-pixel centres, as ``F.interpolate(align_corners=False)``) and divided.
-    Each pixel's value depends only on its global position and the coarse values, never on
-    where the block starts (the block is cut from an interpolation of a region that starts on
-    a coarse pixel, with one coarse pixel of margin), so results do not depend on chunks.
-    NaN where no valid input pixel lies.
-    """
-    with stage("blend"):
-        pr0, pr1, pc0, pc1 = coarse_rect(r0, r1, c0, c1, scale, coarse_shape)
-        acc, wsum = _accumulate(name, channels, pr0, pr1, pc0, pc1, batches)
-        valid = _valid_block(r0, r1, c0, c1, batches)
-    return upsample_block(acc, wsum, valid, scale, (pr0, pc0), (r0, c0))
-
-
-def upsample_block(acc: np.ndarray, wsum: np.ndarray, valid: np.ndarray, scale: int, origin: tuple[int, int],
-                   block: tuple[int, int]) -> np.ndarray:
-    """Normalised bilinear upsampling of blended sums ``acc`` (C, h, w) and weights ``wsum``.
-
-    ``origin``: the global coarse (row, col) of ``acc[:, 0, 0]``; ``block``: the global
-    full-resolution (row, col) where the result starts; ``valid``: its validity and shape.
-    """
-    channels = acc.shape[0]
-    with stage("upsample"):
-        up = interpolate_block(acc, wsum, scale, origin, block, valid.shape)
-        # one pass from the interpolated region into the block; dividing everywhere and
-        # then blanking is half the cost of a masked divide (same values)
-        out = np.empty((channels,) + valid.shape, np.float32)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            np.divide(up[:channels], up[channels], out=out)
-        if not valid.all():
-            out[:, ~valid] = np.nan
-        return out
-
-
-def interpolate_block(acc: np.ndarray, wsum: np.ndarray, scale: int, origin: tuple[int, int],
-                      block: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
-    """(C + 1, h, w) view: sums and weight bilinearly interpolated over the block (not divided).
-
-    As ``F.interpolate(scale_factor=scale, align_corners=False)`` of the region, whose output
-    the block is cut from; torch's operator is called with that scale but an output that
-    stops at the block's end (the rows and columns after it are not computed). Each pixel's
-    source position and weights come from its offset and the scale alone, and torch's
-    generic kernel (output height + width > 128, input not channels-last) computes a pixel
-    from those alone, so the values are the same bits; a region whose cut output would fall
-    under that threshold is interpolated whole, as before.
-    """
-    import torch
-
-    (pr0, pc0), (r0, c0), (h, w) = origin, block, shape
-    top, left = r0 - pr0 * scale, c0 - pc0 * scale
-    size = [top + h, left + w]
-    if sum(size) <= 128:
-        size = [acc.shape[1] * scale, acc.shape[2] * scale]
-    # contiguous (C, h, w) memory: torch's generic kernel, the one blocks have always used
-    stack = torch.from_numpy(np.concatenate([acc, wsum[None]])[None])
-    up = torch.ops.aten.upsample_bilinear2d(stack, size, False, float(scale), float(scale))[0]
-    return up.numpy()[:, top:top + h, left:left + w]
-
-
 def _batches(tiles: Sequence[Tile], batch_size: int) -> list[list[Tile]]:
     """Consecutive windows, ``batch_size`` at a time (full batches also across rows of windows:
     what a later row of blocks needs from a batch is cropped to the overlap strip, so a batch
@@ -372,10 +309,10 @@ def stitch(scene, normalise, tiles: Sequence[Tile], predictor: Predictor, output
 
     ``class_codes``: {name: (codes, nodata)} for upsampled outputs whose class map is wanted
     too: ``{name}_codes`` is then a (1, y, x) uint8 array of the code of each pixel's largest
-    channel, ``nodata`` where the output is NaN, made from the same batches without
-    interpolating every channel (:func:`geodino.classmap.assemble_codes`).
+    channel, ``nodata`` where the output is NaN, made from the same batches in one task per
+    block, without making the float block (:func:`geodino.upsample.assemble_codes`).
     """
-    from geodino.classmap import assemble_codes
+    from geodino.upsample import assemble_codes, assemble_upsampled
 
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -421,13 +358,13 @@ def stitch(scene, normalise, tiles: Sequence[Tile], predictor: Predictor, output
                 c0 += cw
             r0 += rh
         out_grid = grid if s == 1 else grid.coarsen(s)
-        for key, lay, channels, dtype in ((name, layer, spec.channels, np.float32),
-                                          (f"{name}_codes", codes_layer, 1, np.uint8)):
+        for key, lay, bands, dtype in ((name, layer, spec.channels, np.float32),
+                                       (f"{name}_codes", codes_layer, 1, np.uint8)):
             if lay:
                 lname = next(iter(lay))[0]
                 graph = HighLevelGraph(layers={batch_name: batch_layer, lname: lay},
                                        dependencies={batch_name: set(), lname: {batch_name}})
-                arr = da.Array(graph, lname, chunks=((channels,), rchunks, cchunks), dtype=dtype)
+                arr = da.Array(graph, lname, chunks=((bands,), rchunks, cchunks), dtype=dtype)
                 results[key] = to_dataarray(arr, out_grid, *((spec.names,) if key == name else (None, codes[1])))
     return results
 

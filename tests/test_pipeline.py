@@ -92,7 +92,7 @@ def test_python_api_is_lazy_and_crs_aware():
 
 
 def test_class_map_is_the_argmax_of_the_blended_logits_whatever_the_chunks():
-    """The codes made with the interpolation (geodino.classmap) are those of the float logits
+    """The codes made with the interpolation (geodino.upsample) are those of the float logits
     (as the map was made before: argmax of the upsampled block), for several chunkings, with
     the probabilities output still made from those logits."""
     import dask

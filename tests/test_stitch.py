@@ -319,7 +319,7 @@ def test_upsampled_outputs_blend_on_the_patch_grid_and_do_not_depend_on_chunks(c
 
 
 def _reference_codes(acc, wsum, valid, scale, origin, block, codes, nodata):
-    """The class codes as made before geodino.classmap: F.interpolate over the whole region,
+    """The class codes as made before geodino.upsample: F.interpolate over the whole region,
     cut, divided into a float block, NaN where invalid, then a running argmax of that block."""
     import torch
 
@@ -345,8 +345,8 @@ def test_class_codes_are_the_argmax_of_the_upsampled_logits_bit_for_bit():
     without weight, nodata pixels, scene edges, tiny and odd-sized scenes, several scales)."""
     import math
 
-    from geodino.classmap import argmax_codes
-    from geodino.stitch import coarse_rect, interpolate_block, upsample_block
+    from geodino.stitch import coarse_rect
+    from geodino.upsample import argmax_codes, interpolate_block, upsample_block
 
     rng = np.random.default_rng(7)
     codes, nodata = np.array([10, 20, 30, 40, 50, 60, 80], np.uint8), 255
@@ -390,7 +390,7 @@ def test_class_codes_are_the_argmax_of_the_upsampled_logits_bit_for_bit():
 def test_class_codes_output_shares_the_batches_and_does_not_depend_on_chunks(collar_inputs, tiny_models):
     """``class_codes`` adds a uint8 map of the upsampled output's argmax, from the same batch
     tasks (the model runs once per window), exact whatever the chunks."""
-    from geodino.classmap import argmax_codes
+    from geodino.upsample import argmax_codes
 
     scene, norm = collar_inputs
     model = _PatchLogits(tiny_models["backbone"])

@@ -93,10 +93,10 @@ def argmax_codes(logits: np.ndarray, codes: np.ndarray, nodata: int, weight: np.
 
     ``logits``: (C, ...) float. With ``weight``, the logits are ``logits / weight`` (float32
     division, as :func:`geodino.stitch.upsample_block` divides), made one channel at a time.
-    Written with whole-array arithmetic, no masked stores (numpy's ``a[mask] = k`` cost 40x a
-    comparison, measured): channel ``k`` is only ever compared after channels below it, so
-    "the index becomes k where k is larger" is ``best = max(best, k * larger)``, and nodata
-    is index C of the code table.
+    Written with whole-array arithmetic, no masked stores (``a[mask] = k`` costs up to 40x a
+    comparison on scattered masks; on the bench's blocks this argmax took 0.67 ms instead of
+    0.9): channel ``k`` is only compared after the channels below it, so "the index becomes
+    k where k is larger" is ``best = max(best, k * larger)``; nodata is index C of the table.
     """
     channels = logits.shape[0]
     table = np.append(np.asarray(codes, np.uint8), np.uint8(nodata))

@@ -98,9 +98,12 @@ def build_run(scene_paths, options: RunOptions, progress=None, grid=None, adjust
 
     batch_size = options.batch_size or auto_batch_size(bundle, spec.size)
     bundle = bundle.with_batch_size(batch_size)  # a compiled model pads every call to it
-    stitched = stitch(scene, norm, tiles, bundle, bundle.outputs(), overlap=spec.overlap,
-                      batch_size=batch_size, chunks=options.chunks, progress=advance)
     classes = _classes_of(bundle)
+    # the class map is made in the tasks that interpolate the logits (geodino.upsample): the
+    # float logits at full resolution are computed only for the probabilities output
+    class_codes = {"landcover": (np.asarray(classes.codes, np.uint8), classes.nodata)} if classes else None
+    stitched = stitch(scene, norm, tiles, bundle, bundle.outputs(), overlap=spec.overlap,
+                      batch_size=batch_size, chunks=options.chunks, progress=advance, class_codes=class_codes)
     variables = {}
     if "canopy_height" in stitched:
         chm = stitched["canopy_height"].isel(band=0, drop=True).drop_vars("band_name", errors="ignore")
@@ -108,8 +111,7 @@ def build_run(scene_paths, options: RunOptions, progress=None, grid=None, adjust
         variables["canopy_height"] = chm
     if "landcover" in stitched:
         logits = stitched["landcover"]  # blended logits, NaN where no valid input
-        codes = np.asarray(classes.codes, np.uint8)
-        labels = da.map_blocks(_argmax_codes, logits.data, codes, classes.nodata, drop_axis=0, dtype=np.uint8)
+        labels = stitched["landcover_codes"].data[0]  # the codes of argmax_codes(logits)
         lc = xr.DataArray(labels, dims=("y", "x"), coords={"y": logits.y, "x": logits.x},
                           attrs={"long_name": "land cover", "class_codes": list(classes.codes),
                                  "class_names": list(classes.names), "_FillValue": classes.nodata,
@@ -131,20 +133,6 @@ def build_run(scene_paths, options: RunOptions, progress=None, grid=None, adjust
     ds.attrs.update(scene_paths=json.dumps(list(scene.paths)), scene_bands=list(scene.bands),
                     normalisation=json.dumps(norm.to_dict()))
     return SceneRun(ds, scene, norm, bundle, tiles, options, classes, hooks)
-
-
-def _argmax_codes(logits: np.ndarray, codes: np.ndarray, nodata: int) -> np.ndarray:
-    """Class codes of the largest logit; ``nodata`` where the logits are NaN (all bands are)."""
-    with stage("argmax"):
-        best = np.zeros(logits.shape[1:], np.uint8)
-        top = logits[0].copy()
-        for k in range(1, logits.shape[0]):  # a running maximum reads each band once
-            larger = logits[k] > top
-            best[larger] = k
-            np.maximum(top, logits[k], out=top)
-        out = codes[best]
-        out[np.isnan(top)] = nodata
-        return out
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -257,39 +257,6 @@ def coarse_rect(r0: int, r1: int, c0: int, c1: int, scale: int, coarse_shape: tu
             max(0, c0 // scale - 1), min(cw, -(-c1 // scale) + 1))
 
 
-def assemble_upsampled(name: str, channels: int, scale: int, coarse_shape: tuple[int, int],
-                       r0: int, r1: int, c0: int, c1: int, *batches) -> np.ndarray:
-    """Full-resolution block [r0:r1, c0:c1] of an output blended on the grid coarsened by ``scale``.
-
-    The blended sums and weights of the coarse pixels around the block are interpolated
-    bilinearly (half-pixel centres, as ``F.interpolate(align_corners=False)``) and divided.
-    Each pixel's value depends only on its global position and the coarse values, never on
-    where the block starts (the block is cut from an interpolation of a region that starts on
-    a coarse pixel, with one coarse pixel of margin), so results do not depend on chunks.
-    NaN where no valid input pixel lies.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    with stage("blend"):
-        pr0, pr1, pc0, pc1 = coarse_rect(r0, r1, c0, c1, scale, coarse_shape)
-        acc, wsum = _accumulate(name, channels, pr0, pr1, pc0, pc1, batches)
-        valid = _valid_block(r0, r1, c0, c1, batches)
-    with stage("upsample"):
-        # channels-last: torch's bilinear kernel then costs 0.4x the CPU time (measured)
-        stack = torch.from_numpy(np.concatenate([acc, wsum[None]]).transpose(1, 2, 0)[None]).permute(0, 3, 1, 2)
-        up = F.interpolate(stack, scale_factor=scale, mode="bilinear", align_corners=False)[0]
-        up = up[:, r0 - pr0 * scale:r1 - pr0 * scale, c0 - pc0 * scale:c1 - pc0 * scale].numpy()
-        # one pass from the channels-last result into a channel-first block; dividing
-        # everywhere and then blanking is half the cost of a masked divide (same values)
-        out = np.empty((channels, r1 - r0, c1 - c0), np.float32)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            np.divide(up[:channels], up[channels], out=out)
-        if not valid.all():
-            out[:, ~valid] = np.nan
-        return out
-
-
 def _batches(tiles: Sequence[Tile], batch_size: int) -> list[list[Tile]]:
     """Consecutive windows, ``batch_size`` at a time (full batches also across rows of windows:
     what a later row of blocks needs from a batch is cropped to the overlap strip, so a batch
@@ -329,7 +296,8 @@ class _Counter:
 
 def stitch(scene, normalise, tiles: Sequence[Tile], predictor: Predictor, outputs: Mapping[str, OutputSpec], *,
            overlap: int, batch_size: int = 8, chunks: int = 1024,
-           progress: Callable[[int], None] | None = None) -> dict[str, xr.DataArray]:
+           progress: Callable[[int], None] | None = None,
+           class_codes: Mapping[str, tuple[np.ndarray, int]] | None = None) -> dict[str, xr.DataArray]:
     """Lazy stitched outputs on the scene's processing grid (or its coarsened grids).
 
     Returns one dask-backed DataArray (channel, y, x) per output, float32, NaN where no valid
@@ -338,7 +306,14 @@ def stitch(scene, normalise, tiles: Sequence[Tile], predictor: Predictor, output
     :func:`block_size`); coarsened outputs (e.g. embeddings) use ``chunks // scale``.
     Raises GDAL's block cache if the source needs more than it holds (striped files:
     :func:`geodino.scene.ensure_block_cache`).
+
+    ``class_codes``: {name: (codes, nodata)} for upsampled outputs whose class map is wanted
+    too: ``{name}_codes`` is then a (1, y, x) uint8 array of the code of each pixel's largest
+    channel, ``nodata`` where the output is NaN, made from the same batches in one task per
+    block, without making the float block (:func:`geodino.upsample.assemble_codes`).
     """
+    from geodino.upsample import assemble_codes, assemble_upsampled
+
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     grid: Grid = scene.grid
@@ -361,7 +336,8 @@ def stitch(scene, normalise, tiles: Sequence[Tile], predictor: Predictor, output
         csize = block_size(chunks, window, overlap) if s == 1 else max(1, chunks // s)
         rchunks, cchunks = _chunks(oh, csize), _chunks(ow, csize)
         out_name = f"geodino-{name}-{token}"
-        layer = {}
+        layer, codes_layer = {}, {}
+        codes = (class_codes or {}).get(name) if spec.upsample else None
         r0 = 0
         for bi, rh in enumerate(rchunks):
             c0 = 0
@@ -374,15 +350,22 @@ def stitch(scene, normalise, tiles: Sequence[Tile], predictor: Predictor, output
                 else:
                     task = (assemble_block, name, spec.channels, r0, r0 + rh, c0, c0 + cw)
                     lo_r, hi_r, lo_c, hi_c, ts = r0, r0 + rh, c0, c0 + cw, s
-                needed = _touching(batch_rows, lo_r, hi_r, lo_c, hi_c, ts)
-                layer[(out_name, 0, bi, bj)] = task + tuple((batch_name, k) for k in needed)
+                needed = tuple((batch_name, k) for k in _touching(batch_rows, lo_r, hi_r, lo_c, hi_c, ts))
+                layer[(out_name, 0, bi, bj)] = task + needed
+                if codes is not None:
+                    codes_layer[(out_name + "-codes", 0, bi, bj)] = (assemble_codes, name, spec.channels, spec.scale,
+                                                                     coarse, *codes, *task[-4:]) + needed
                 c0 += cw
             r0 += rh
-        graph = HighLevelGraph(layers={batch_name: batch_layer, out_name: layer},
-                               dependencies={batch_name: set(), out_name: {batch_name}})
-        arr = da.Array(graph, out_name, chunks=((spec.channels,), rchunks, cchunks), dtype=np.float32)
         out_grid = grid if s == 1 else grid.coarsen(s)
-        results[name] = to_dataarray(arr, out_grid, spec.names)
+        for key, lay, bands, dtype in ((name, layer, spec.channels, np.float32),
+                                       (f"{name}_codes", codes_layer, 1, np.uint8)):
+            if lay:
+                lname = next(iter(lay))[0]
+                graph = HighLevelGraph(layers={batch_name: batch_layer, lname: lay},
+                                       dependencies={batch_name: set(), lname: {batch_name}})
+                arr = da.Array(graph, lname, chunks=((bands,), rchunks, cchunks), dtype=dtype)
+                results[key] = to_dataarray(arr, out_grid, *((spec.names,) if key == name else (None, codes[1])))
     return results
 
 
@@ -414,7 +397,7 @@ def _touching(batch_rows, r0: int, r1: int, c0: int, c1: int, s: int) -> list[in
     return sorted(set(found))
 
 
-def to_dataarray(arr, grid: Grid, names: Sequence[str] | None = None) -> xr.DataArray:
+def to_dataarray(arr, grid: Grid, names: Sequence[str] | None = None, nodata: float = np.nan) -> xr.DataArray:
     """Wrap a (channel, y, x) array with pixel-centre coordinates, CRS and transform."""
     import rioxarray  # noqa: F401
 
@@ -426,5 +409,5 @@ def to_dataarray(arr, grid: Grid, names: Sequence[str] | None = None) -> xr.Data
     if names is not None:
         out = out.assign_coords(band_name=("band", list(names)))
     out = out.rio.write_crs(grid.crs).rio.write_transform(t)
-    out = out.rio.write_nodata(np.nan, encoded=False)
+    out = out.rio.write_nodata(nodata, encoded=False)
     return out

@@ -91,6 +91,39 @@ def test_python_api_is_lazy_and_crs_aware():
         np.testing.assert_array_equal(lc == 0, src.dataset_mask() == 0)
 
 
+def test_class_map_is_the_argmax_of_the_blended_logits_whatever_the_chunks():
+    """The codes made with the interpolation (geodino.upsample) are those of the float logits
+    (as the map was made before: argmax of the upsampled block), for several chunkings, with
+    the probabilities output still made from those logits."""
+    import dask
+
+    from geodino.pipeline import build_run
+    from geodino.stitch import stitch
+
+    maps = []
+    for chunks, batch in ((128, 2), (300, 3), (2048, 8)):
+        opts = _demo_options(canopy_head=None, window=128, overlap=32, chunks=chunks, batch_size=batch,
+                             probabilities=True)
+        run = build_run(str(SAMPLE), opts)
+        logits = stitch(run.scene, run.normalisation, run.tiles, run.bundle, run.bundle.outputs(), overlap=32,
+                        batch_size=batch, chunks=chunks)["landcover"]
+        with dask.config.set(scheduler="threads"):
+            lc, probs, logits = dask.compute(run.dataset["landcover"].data, run.dataset["landcover_probability"].data,
+                                             logits.data)
+        best, top = np.zeros(lc.shape, np.uint8), logits[0].copy()
+        for k in range(1, len(logits)):  # the argmax as geodino.pipeline took it before
+            best[logits[k] > top] = k
+            np.maximum(top, logits[k], out=top)
+        ref = np.asarray(run.classes.codes, np.uint8)[best]
+        ref[np.isnan(top)] = run.classes.nodata
+        np.testing.assert_array_equal(lc, ref, err_msg=str(chunks))
+        np.testing.assert_array_equal(np.isnan(probs[0]), lc == run.classes.nodata)
+        maps.append(lc)
+    assert len(np.unique(maps[0])) > 2
+    np.testing.assert_array_equal(maps[0], maps[1])
+    np.testing.assert_array_equal(maps[0], maps[2])
+
+
 @pytest.mark.parametrize("name, extra", [
     ("RGB.byte.tif", dict(profile="rgb8")),
     ("OSBS_029.tif", dict(profile="rgb8")),

@@ -316,3 +316,99 @@ def test_upsampled_outputs_blend_on_the_patch_grid_and_do_not_depend_on_chunks(c
     # ... and batches and window order nothing beyond the model's own batch-size rounding (1e-5)
     for kw in (dict(chunks=200, batch_size=1), dict(batch_size=7), dict(tiles=list(reversed(tiles)))):
         np.testing.assert_allclose(run(**kw)[0], up, atol=1e-5, equal_nan=True, err_msg=str(kw))
+
+
+def _reference_codes(acc, wsum, valid, scale, origin, block, codes, nodata):
+    """The class codes as made before geodino.upsample: F.interpolate over the whole region,
+    cut, divided into a float block, NaN where invalid, then a running argmax of that block."""
+    import torch
+
+    (pr0, pc0), (r0, c0), (h, w) = origin, block, valid.shape
+    stack = torch.from_numpy(np.concatenate([acc, wsum[None]]).transpose(1, 2, 0)[None]).permute(0, 3, 1, 2)
+    up = torch.nn.functional.interpolate(stack, scale_factor=scale, mode="bilinear", align_corners=False)[0]
+    up = up[:, r0 - pr0 * scale:r0 - pr0 * scale + h, c0 - pc0 * scale:c0 - pc0 * scale + w].numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logits = up[:-1] / up[-1]
+    logits[:, ~valid] = np.nan
+    best, top = np.zeros((h, w), np.uint8), logits[0].copy()
+    for k in range(1, len(logits)):
+        best[logits[k] > top] = k
+        np.maximum(top, logits[k], out=top)
+    out = codes[best]
+    out[np.isnan(top)] = nodata
+    return out
+
+
+def test_class_codes_are_the_argmax_of_the_upsampled_logits_bit_for_bit():
+    """Fused interpolation, division and argmax give the codes of the float blocks they replace,
+    on every block of random and adversarial patch grids (ties, near ties, NaN nodes, nodes
+    without weight, nodata pixels, scene edges, tiny and odd-sized scenes, several scales)."""
+    import math
+
+    from geodino.stitch import coarse_rect
+    from geodino.upsample import argmax_codes, interpolate_block, upsample_block
+
+    rng = np.random.default_rng(7)
+    codes, nodata = np.array([10, 20, 30, 40, 50, 60, 80], np.uint8), 255
+    for trial in range(120):
+        s = int(rng.choice([16, 16, 8, 4, 3, 14]))
+        h, w = int(rng.integers(1, 260)), int(rng.integers(1, 260))
+        ch, cw, c = math.ceil(h / s), math.ceil(w / s), int(rng.choice([7, 7, 2]))
+        wsum = rng.uniform(0.5, 300, (ch, cw)).astype(np.float32)
+        kind = trial % 4
+        if kind == 0:
+            logits = rng.standard_normal((c, ch, cw)).astype(np.float32) * 3
+        elif kind == 1:  # integer logits: exact ties between channels
+            logits = np.round(rng.standard_normal((c, ch, cw))).astype(np.float32)
+        elif kind == 2:  # near ties: one ulp apart, or equal
+            logits = rng.standard_normal((c, ch, cw)).astype(np.float32)
+            logits[-1] = np.nextafter(logits[0], np.float32(9)) if trial % 8 < 4 else logits[0]
+        else:  # a small spread around a large value
+            logits = (rng.standard_normal((c, ch, cw)) * 1e-3 + 5).astype(np.float32)
+        acc = (logits * wsum).astype(np.float32)
+        holes = rng.random((ch, cw)) < 0.15
+        wsum[holes], acc[:, holes] = 0, 0
+        if trial % 5 == 0:
+            acc[rng.integers(0, c), rng.integers(0, ch), rng.integers(0, cw)] = np.nan
+        valid = rng.random((h, w)) < (0.95 if trial % 2 else 2)
+        for size in (int(rng.integers(1, 90)), 64, 10**6):
+            for r0 in range(0, h, size):
+                for c0 in range(0, w, size):
+                    r1, c1 = min(h, r0 + size), min(w, c0 + size)
+                    pr0, pr1, pc0, pc1 = coarse_rect(r0, r1, c0, c1, s, (ch, cw))
+                    a, ws, v = acc[:, pr0:pr1, pc0:pc1], wsum[pr0:pr1, pc0:pc1], valid[r0:r1, c0:c1]
+                    ref = _reference_codes(a, ws, v, s, (pr0, pc0), (r0, c0), codes[:c], nodata)
+                    up = interpolate_block(a, ws, s, (pr0, pc0), (r0, c0), v.shape)
+                    got = argmax_codes(up[:c], codes[:c], nodata, weight=up[c], valid=v)
+                    where = f"trial {trial} scale {s} scene {h}x{w} block {r0}:{r1}, {c0}:{c1}"
+                    np.testing.assert_array_equal(got, ref, err_msg=where)
+                    # the probabilities' float block is cut from the same values
+                    floats = upsample_block(a, ws, v, s, (pr0, pc0), (r0, c0))
+                    np.testing.assert_array_equal(argmax_codes(floats, codes[:c], nodata), ref, err_msg=where)
+
+
+def test_class_codes_output_shares_the_batches_and_does_not_depend_on_chunks(collar_inputs, tiny_models):
+    """``class_codes`` adds a uint8 map of the upsampled output's argmax, from the same batch
+    tasks (the model runs once per window), exact whatever the chunks."""
+    from geodino.upsample import argmax_codes
+
+    scene, norm = collar_inputs
+    model = _PatchLogits(tiny_models["backbone"])
+    tiles = window_grid(scene.grid.height, scene.grid.width, WindowSpec(128, 32))
+    spec = {"logits": OutputSpec(3, 16, upsample=True), "sums": OutputSpec(3, 16)}
+    codes = np.array([3, 1, 7], np.uint8)
+    maps = []
+    for chunks in (64, 200, 1000):
+        out = stitch(scene, norm, tiles, model, spec, overlap=32, batch_size=4, chunks=chunks,
+                     class_codes={"logits": (codes, 255)})
+        assert out["logits_codes"].dtype == np.uint8 and out["logits_codes"].rio.nodata == 255
+        graph = dict(out["logits_codes"].data.__dask_graph__())
+        assert set(k for k in graph if "batch" in k[0]) == set(k for k in out["logits"].data.__dask_graph__()
+                                                                 if "batch" in k[0])
+        with dask.config.set(scheduler="threads"):
+            logits, labels = dask.compute(out["logits"].data, out["logits_codes"].data[0])
+        np.testing.assert_array_equal(labels, argmax_codes(logits, codes, 255))
+        maps.append(labels)
+    assert len(np.unique(maps[0])) > 2 and (maps[0] == 255).any()
+    np.testing.assert_array_equal(maps[0], maps[1])
+    np.testing.assert_array_equal(maps[0], maps[2])

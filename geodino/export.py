@@ -70,8 +70,10 @@ class RasterOutput:
         # after(cog_path): work on the finished COG (still at its temporary path) that runs
         # beside the other outputs' afters, e.g. polygons from a class raster
         self.after = after
-        # trace_pixels: also keep a flat copy of the pixels while they stream
-        # (geodino.rawpixels), handed to after as ``pixels=`` where one could be made
+        # trace_pixels: also keep a flat copy of the pixels while they stream (geodino.rawpixels);
+        # where one could be made, after(raster, pixels=copy) is called as soon as the stream
+        # ends, with ``raster`` the streamed file: its structure (georeferencing, nodata, CRS)
+        # is the COG's, its pixels are only in the copy
         self.trace_pixels = trace_pixels
         # observer(block): called with each (band, rows, cols) block as it is written, e.g. to
         # build a report's statistics without reading the output back
@@ -233,13 +235,17 @@ def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compr
                     to_cog(source, final_tmp, resampling=out.overview_resampling, compress=compress, threads=threads)
 
         with ThreadPoolExecutor(max(2, len(staged)), thread_name_prefix="geodino-cog") as pool:
+            # an output with a flat copy of its pixels needs no COG: its after starts now, from
+            # the copy and the structure of the streamed file (georeferencing, nodata, CRS)
+            early = {i for i, ((out, _, _), raw) in enumerate(zip(staged, flat))
+                     if out.after is not None and raw is not None and raw.complete}
+            jobs = [pool.submit(staged[i][0].after, staged[i][1], pixels=flat[i].path) for i in sorted(early)]
             for done in [pool.submit(convert, *args) for args in zip(staged, pyramids, direct, stores)]:
                 done.result()
             # work on the finished files (still at their temporary paths), side by side:
             # e.g. polygons from the class COG while the quicklook draws from all of them
-            jobs = [pool.submit(out.after, final_tmp, **({"pixels": raw.path} if raw is not None and raw.complete
-                                                          else {}))
-                    for (out, _, final_tmp), raw in zip(staged, flat) if out.after is not None]
+            jobs += [pool.submit(out.after, final_tmp) for i, (out, _, final_tmp) in enumerate(staged)
+                     if out.after is not None and i not in early]
             if beside is not None:
                 jobs.append(pool.submit(beside, {out.path: final_tmp for out, _, final_tmp in staged}))
             for done in jobs:

@@ -57,9 +57,9 @@ def polygonize(raster: str | os.PathLike, out: str | os.PathLike, classes: Class
     CRS, or in an estimated UTM zone if it is geographic; polygons smaller than ``min_area``
     are left out. Rows are sorted by class code, then area (largest first), then position (top,
     then left). ``strip_rows`` bounds memory on the reference path only (see the module).
-    ``pixels``: a flat copy of ``raster``'s pixels (:class:`geodino.rawpixels.RawPixels`) for
-    the fast path to read instead (same polygons, read faster); georeferencing, nodata and
-    CRS still come from ``raster``.
+    ``pixels``: a flat copy of ``raster``'s pixels (:class:`geodino.rawpixels.RawPixels`),
+    read instead of ``raster``'s own (same polygons, read faster); georeferencing, nodata and
+    CRS still come from ``raster``, whose pixels are then never read.
     """
     import shapely
 
@@ -69,7 +69,10 @@ def polygonize(raster: str | os.PathLike, out: str | os.PathLike, classes: Class
         nodata = src.nodata if src.nodata is not None else classes.nodata
         crs, transform = src.crs, src.transform
         traced = _trace_with_gdal(src, nodata, pixels)
-        codes, geoms, wkb = traced if traced is not None else (*_trace_with_shapes(src, nodata, strip_rows), None)
+        if traced is None:
+            with _pixels_of(src, pixels) as data:
+                traced = (*_trace_with_shapes(data, nodata, strip_rows, transform), None)
+        codes, geoms, wkb = traced
     if crs is not None and crs.is_projected:
         # a region is whole pixels: its area is a pixel count times the pixel's area, exactly.
         # GEOS sums products of coordinates far from the origin, which leaves ~1e-12 of noise
@@ -105,6 +108,22 @@ def _write_layer(path: Path, crs, codes: np.ndarray, names: list[str], areas: np
                                   np.asarray(areas, np.float64)],
                       fields=["class_code", "class_name", "area_m2"], layer="landcover", driver="GPKG",
                       geometry_type="Polygon", crs=None if crs is None else CRS.from_user_input(crs).to_wkt("WKT1_GDAL"))
+
+
+@contextlib.contextmanager
+def _pixels_of(src, pixels):
+    """The dataset to read ``src``'s pixels from: ``src`` itself, or its flat copy."""
+    if pixels is None:
+        yield src
+        return
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)  # the copy has no georeference
+        with rasterio.open(pixels) as copy:
+            if (copy.width, copy.height) != (src.width, src.height):
+                raise ValueError(f"{pixels}: not a copy of {src.name} ({src.width} x {src.height})")
+            yield copy
 
 
 def _sort_order(codes: np.ndarray, areas: np.ndarray, geoms) -> np.ndarray:
@@ -366,8 +385,9 @@ def _features(lib, layer, skip) -> tuple[list[int], list[bytes]]:
 # reference path: rasterio.features.shapes in strips, pieces at strip borders merged
 
 
-def _trace_with_shapes(src, nodata, strip_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """(class codes, polygons) of ``src``'s band 1, read in strips of ``strip_rows`` rows.
+def _trace_with_shapes(src, nodata, strip_rows: int, t) -> tuple[np.ndarray, np.ndarray]:
+    """(class codes, polygons) of ``src``'s band 1, read in strips of ``strip_rows`` rows,
+    georeferenced by ``t`` (the raster's transform).
 
     Regions are traced in whole pixel coordinates of the raster, so that the pieces of a region
     that strip borders cut meet exactly, merge into one polygon, and lose the vertices the cuts
@@ -400,7 +420,6 @@ def _trace_with_shapes(src, nodata, strip_rows: int) -> tuple[np.ndarray, np.nda
     codes = np.concatenate([inner["class_code"].to_numpy(), np.asarray([c for c, _ in merged], np.int64)])
     pixel_geoms = np.concatenate([inner["geometry"].to_numpy(),
                                   shapely.simplify(np.asarray([g for _, g in merged], dtype=object), 0)])
-    t = src.transform
     # (x0 + col * dx) + row * rx, in this order, as GDAL's polygoniser georeferences vertices
     return codes, shapely.transform(pixel_geoms, lambda p: np.column_stack(
         [t.c + p[:, 0] * t.a + p[:, 1] * t.b, t.f + p[:, 0] * t.d + p[:, 1] * t.e]))

@@ -122,3 +122,24 @@ def test_a_run_traces_from_the_flat_copy_and_leaves_nothing_behind(tmp_path, mon
         write_scene(build_run(str(REPO / "data_samples" / "scene" / "scene.tif"), opts), tmp_path / "failed",
                     quiet=True)
     assert list((tmp_path / "failed").iterdir()) == []
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_structure_file_and_the_copy_give_the_rasters_polygons(tmp_path, monkeypatch, fast):
+    """During a run the polygons start before the COG exists: from the streamed file, which
+    holds the georeferencing but no pixels, and the flat copy. Both ways of tracing."""
+    data = class_map()
+    raster = write(tmp_path / "classes.tif", data, transform=SHEARED, nodata=255)
+    with rasterio.open(raster) as src:
+        profile = src.profile
+    structure = tmp_path / "structure.tif"
+    with rasterio.open(structure, "w", **profile, SPARSE_OK=True):
+        pass  # no pixel written: reading it would give nodata everywhere
+    raw = flat_copy(tmp_path / "classes.pixels", data)
+    if not fast:
+        monkeypatch.setattr(vectorize, "gdal_library", lambda: None)
+    expected = polygonize(raster, tmp_path / "cog.gpkg", CLASSES)
+    got = polygonize(structure, tmp_path / "copy.gpkg", CLASSES, pixels=raw.path)
+    (fields_a, wkb_a), (fields_b, wkb_b) = layer(expected), layer(got)
+    assert len(wkb_a) > 50 and wkb_a == wkb_b
+    np.testing.assert_array_equal(fields_a["area_m2"], fields_b["area_m2"])

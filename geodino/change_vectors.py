@@ -280,6 +280,8 @@ def change_tables(steps: list[Step], *, canopy: Path | None, canopy_classes: Pat
     rows of tiles on ``workers`` threads (default: one per core, at most 4)."""
     paths = {k: p for k, p in (("canopy", canopy), ("canopy_classes", canopy_classes),
                                ("transitions", transitions)) if p is not None}
+    if not paths:  # embeddings only: nothing to count or trace
+        return [_StepTables() for _ in steps], None
     with rasterio.open(next(iter(paths.values()))) as ref:
         width, height, transform, crs = ref.width, ref.height, ref.transform, ref.crs
         rows = _strip_rows(width)

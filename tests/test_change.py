@@ -445,6 +445,15 @@ def test_python_api_is_lazy_and_crs_aware(pair, tiny_models):
     assert np.nanmax(e) > 5 * np.nanmedian(e)  # the changed places stand out
 
 
+def test_embeddings_only_change_is_written(pair, tiny_models, tmp_path):
+    from geodino.change_write import write_change
+
+    run = _build([pair.before.scene, pair.after.scene], _options(tiny_models, canopy_head=None, landcover_head=None))
+    report = write_change(run, tmp_path / "out", quiet=True)
+    assert report["outputs"] == {"embedding_change": "embedding_change.tif"}
+    assert report["steps"][0]["embedding_change"]["valid_patches"] > 0 and "canopy" not in report["steps"][0]
+
+
 # --------------------------------------------------------------------------------------
 # what counts as canopy loss; radiometry between dates
 

@@ -132,6 +132,7 @@ def write_change(run: ChangeRun, out_dir: str | Path, *, min_height_change: floa
         finally:
             for r in run.runs:
                 r.hooks.remove(bar.advance)
+                r.scene.release_tiles()  # every window is read: the source tiles are not needed by the tables
     steps = [Step(k + 1, run.dates[i].label, run.dates[j].label) for k, (i, j) in enumerate(run.steps)]
     # the summaries, the transition matrix and the polygons in one pass over the rasters
     tables, gdf = change_tables(steps, canopy=paths.get("canopy_change"),

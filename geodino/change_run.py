@@ -113,6 +113,8 @@ def build_change(scenes: Sequence[str | Path], options: RunOptions, *, dates: Se
     matches = []
     if radiometric_match:
         matches = [match_radiometry(first.scene, r.scene) for r in runs[1:]]
+        for r in runs:  # the samples' tiles, spread over the scene: not those the pass starts with
+            r.scene.release_tiles()
         norms = common_normalisations(first.normalisation, [r.normalisation for r in runs], matches)
         if any(n != r.normalisation for n, r in zip(norms, runs)):  # rebuilt on the common radiometry
             runs = [build_run(s, opts, progress, grid=grid if k == 0 else common,
@@ -122,6 +124,8 @@ def build_change(scenes: Sequence[str | Path], options: RunOptions, *, dates: Se
     coreg = [check_coregistration(first.scene, r.scene, reference_name=f"{labels[0].label} ({scenes[0]})",
                                   moving_name=f"{labels[k].label} ({scenes[k]})")
              for k, r in enumerate(runs) if k > 0]
+    for r in runs:  # nor are the check's (the centre)
+        r.scene.release_tiles()
     notes = [c.warning for c in coreg if c.warning]
     notes += [f"radiometry of {labels[k + 1].label} not matched to {labels[0].label}: {m.reason}"
               for k, m in enumerate(matches) if not m.applied]

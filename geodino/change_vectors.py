@@ -1,23 +1,32 @@
-"""Change as polygons and tables, read back from the written change rasters strip by strip.
+"""Change as polygons and tables, read back from the written change rasters in one pass.
 
+- :func:`change_tables`: per step, in one pass over strips of rows (each raster read once):
+  the canopy summary (valid, loss, partial-loss and gain pixels, mean changes), the
+  land-cover transition matrix, and optionally the polygons of :func:`change_polygons`;
 - :func:`change_polygons`: canopy loss, partial canopy loss and gain (the classes of
   ``canopy_change_class.tif``), and land-cover transitions (from != to), one polygon per
-  4-connected region, with area and the mean, minimum and maximum height change inside it.
-- :func:`transition_matrix`: pixels per (from, to) class pair over valid pixels.
-- :func:`canopy_summary`, :func:`embedding_summary`: figures for the report.
+  4-connected region, with area and the mean, minimum and maximum height change inside it;
+- :func:`embedding_summary`: figures for the report.
 
-Rasters are read in strips of rows, at most about a million pixels each (memory bounded
-whatever the scene's width); regions inside a strip below the minimum area are dropped as
-they are found. Regions are labelled with ``skimage.measure.label`` and traced by GDAL's
-polygoniser (:func:`geodino.vectorize.trace_array`) on the same 4-connectivity; pieces cut
-by a strip border are merged with their neighbours of the
-same kind (dissolve, then explode) and their pixel statistics summed, so a region crossing
-strips becomes one polygon with exact statistics.
+Rasters are read a row of their tiles at a time (each tile decoded once, whatever GDAL's
+block cache holds) and labelled in strips of rows, at most about a million pixels each
+(memory bounded whatever the scene's width). Regions are labelled with
+``skimage.measure.label``; a region inside a strip below the minimum area is dropped before it
+is traced (it cannot grow), the others are traced by GDAL's polygoniser
+(:func:`geodino.vectorize.trace_array`) on the same 4-connectivity. Pieces cut by a strip
+border are joined where their pixels touch across it (a graph of pieces, its connected
+components: ``scipy.sparse.csgraph``), their geometries unioned and their pixel statistics
+summed, so a region crossing strips becomes one polygon with exact statistics. Rows of tiles
+may be processed on several threads (``workers``); by default one: labelling and the Python
+around it hold the GIL, and on the 8192² bench pair two threads took as long as one (5.1 vs
+4.9 s, 5 runs each) and held ~100 MB more.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +43,7 @@ from geodino.change_maps import (
 )
 from geodino.classes import ClassTable
 
-STRIP_ROWS = 512  # rows read at a time, at most ...
+STRIP_ROWS = 512  # rows labelled at a time, at most ...
 STRIP_PIXELS = 2048 * 512  # ... and fewer on wide scenes, so that a strip's arrays do not grow with the width
 MIN_STRIP_ROWS = 64
 
@@ -63,14 +72,29 @@ def _strips(src) -> list[Window]:
     return [Window(0, r, src.width, min(rows, src.height - r)) for r in range(0, src.height, rows)]
 
 
-def _pieces(labels: np.ndarray, values: np.ndarray | None, row0: int, first_row: bool, last_row: bool):
-    """Regions of one strip: (label, geometry, pixels, pixels with a value, sum, min, max of the
-    values, touches a strip border).
+@dataclass
+class _Pieces:
+    """The regions of one map in one strip that are kept: those of at least the minimum area
+    and those that reach a strip border (they may go on next door).
 
-    Geometries are in whole pixel coordinates of the scene (column, row), so that the edges
-    two strips share are exactly equal and their pieces union into one polygon (in map
-    coordinates, each strip's own transform rounds the shared edge differently).
+    ``stats``: (pixels, pixels with a value, sum, min, max of the values) per piece (sum 0,
+    min +inf and max -inf where none has a value). ``top`` / ``bottom``: the piece of each
+    pixel of the strip's first / last row (index into these pieces, -1 for none).
     """
+
+    kinds: np.ndarray
+    geoms: np.ndarray
+    stats: np.ndarray
+    top: np.ndarray
+    bottom: np.ndarray
+
+
+def _pieces(labels: np.ndarray, values: np.ndarray | None, row0: int, min_pixels: float, first_row: bool,
+            last_row: bool) -> _Pieces | None:
+    """The kept regions of one strip (None if it has none), traced in whole pixel coordinates of
+    the scene (column, row), so that the edges two strips share are exactly equal and their
+    pieces union into one polygon (in map coordinates, each strip's own transform rounds the
+    shared edge differently)."""
     from affine import Affine
     from skimage.measure import label as connected
 
@@ -78,87 +102,217 @@ def _pieces(labels: np.ndarray, values: np.ndarray | None, row0: int, first_row:
 
     ids = connected(labels, background=0, connectivity=1).astype(np.int32)
     count = int(ids.max())
-    if count == 0:
-        return []
     inside = ids > 0
     idx = ids[inside]  # only the pixels in regions: usually a small share of the strip
+    n = np.bincount(idx, minlength=count + 1)
+    keep = n >= min_pixels
+    if not first_row:
+        keep[ids[0]] = True
+    if not last_row:
+        keep[ids[-1]] = True
+    keep[0] = False
+    kept = np.flatnonzero(keep)
+    if not len(kept):
+        return None
     kind = np.zeros(count + 1, np.int64)
     kind[idx] = labels[inside]
-    n = np.bincount(idx, minlength=count + 1)
+    stats = np.zeros((count + 1, 5))
+    stats[:, 0] = n
+    stats[:, 3], stats[:, 4] = np.inf, -np.inf
     if values is not None:
         v = values[inside].astype(np.float64)
         finite = np.isfinite(v)
-        sums = np.bincount(idx[finite], weights=v[finite], minlength=count + 1)
-        nv = np.bincount(idx[finite], minlength=count + 1)
+        at, v = idx[finite], v[finite]
+        stats[:, 1] = np.bincount(at, minlength=count + 1)
+        stats[:, 2] = np.bincount(at, weights=v, minlength=count + 1)
         # ufunc.at instead of scipy.ndimage.minimum/maximum, which argsort the whole strip
-        # (12 of 20 s of a 4096² run's polygons)
-        lo = np.full(count + 1, np.inf)
-        hi = np.full(count + 1, -np.inf)
-        np.minimum.at(lo, idx[finite], v[finite])
-        np.maximum.at(hi, idx[finite], v[finite])
-    out = []
-    height = labels.shape[0]
-    for i, g in zip(*trace_array(ids, ids > 0, Affine.translation(0, row0))):
-        i = int(i)
-        _, top, _, bottom = g.bounds
-        border = (not first_row and top == row0) or (not last_row and bottom == row0 + height)
-        if values is not None and nv[i] > 0:
-            stats = (int(n[i]), float(nv[i]), float(sums[i]), float(lo[i]), float(hi[i]))
-        else:
-            stats = (int(n[i]), 0.0, np.nan, np.nan, np.nan)
-        out.append((int(kind[i]), g, *stats, border))
-    return out
+        np.minimum.at(stats[:, 3], at, v)
+        np.maximum.at(stats[:, 4], at, v)
+    # the specks left out are not traced at all (most regions of a land-cover transition map)
+    traced, geoms = trace_array(ids, keep[ids], Affine.translation(0, row0))
+    position = np.full(count + 1, -1, np.int64)
+    position[kept] = np.arange(len(kept))
+    if len(traced) != len(kept):
+        raise AssertionError(f"GDAL traced {len(traced)} regions for {len(kept)} 4-connected ones")
+    ordered = np.empty(len(kept), dtype=object)
+    ordered[position[traced]] = geoms
+    return _Pieces(kind[kept], ordered, stats[kept], position[ids[0]], position[ids[-1]])
 
 
-def _regions(pieces: list, crs):
-    """GeoDataFrame of regions (label, geometry, pixels, valued, sum, min, max), border pieces merged."""
+def _regions(strips: list[_Pieces | None], crs):
+    """GeoDataFrame of regions (label, geometry, pixels, valued, sum, min, max): the pieces of
+    consecutive strips that touch across their border, with the same label, joined."""
     import geopandas as gpd
-    import pandas as pd
+    import shapely
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    cols = ["label", "geometry", "pixels", "valued", "sum", "min", "max", "border"]
-    if not pieces:
-        return gpd.GeoDataFrame({c: [] for c in cols[:1] + cols[2:-1]}, geometry=gpd.GeoSeries([], crs=crs), crs=crs)
-    gdf = gpd.GeoDataFrame(pd.DataFrame(pieces, columns=cols), geometry="geometry", crs=crs)
-    inner = gdf[~gdf["border"]].drop(columns="border")
-    cut = gdf[gdf["border"]].drop(columns="border")
-    if not len(cut):
-        return inner.reset_index(drop=True)
-    merged = cut[["label", "geometry"]].dissolve(by="label").explode(index_parts=False).reset_index()
-    merged["region"] = np.arange(len(merged))
-    points = cut.copy()
-    points["geometry"] = cut.representative_point()
-    joined = gpd.sjoin(points, merged[["region", "label", "geometry"]], predicate="within")
-    joined = joined[joined["label_left"] == joined["label_right"]]
-    agg = joined.groupby("region").agg(pixels=("pixels", "sum"), valued=("valued", "sum"), sum=("sum", "sum"),
-                                       min=("min", "min"), max=("max", "max"))
-    merged = merged.join(agg, on="region").drop(columns="region")
-    return gpd.GeoDataFrame(pd.concat([inner, merged[inner.columns]], ignore_index=True), geometry="geometry",
-                            crs=crs)
-
-
-def _vectorise(read, width: int, height: int, transform, crs, min_area: float = 0.0):
-    """Regions of the whole raster, strip by strip. A region inside one strip that is smaller than
-    ``min_area`` m² is dropped at once (it can never grow): what is held is the polygons kept
-    and the pieces on strip borders, not every speck (139,000 pieces of land-cover transition,
-    most of a few pixels, were held at 8192², for 8,900 polygons of at least 10 m²)."""
-    pieces = []
-    rows = _strip_rows(width)
-    starts = list(range(0, height, rows))
-    min_pixels = min_area / abs(transform.a * transform.e - transform.b * transform.d)
-    for k, row in enumerate(starts):
-        h = min(rows, height - row)
-        win = Window(0, row, width, h)
-        labels, values = read(win)
-        if not labels.any():
+    present = [p for p in strips if p is not None]
+    if not present:
+        return gpd.GeoDataFrame({c: [] for c in ("label", "pixels", "valued", "sum", "min", "max")},
+                                geometry=gpd.GeoSeries([], crs=crs), crs=crs)
+    # index of each strip's first piece among all pieces
+    offsets = np.cumsum([0] + [0 if p is None else len(p.kinds) for p in strips])
+    kinds = np.concatenate([p.kinds for p in present])
+    edges = []
+    for k in range(1, len(strips)):
+        above, below = strips[k - 1], strips[k]
+        if above is None or below is None:
             continue
-        # columns of a piece: label, geometry, pixels, valued, sum, min, max, border
-        pieces += [p for p in _pieces(labels, values, row, k == 0, k == len(starts) - 1)
-                   if p[7] or p[2] >= min_pixels]
-    regions = _regions(pieces, crs)
-    # pixel (column, row) -> map coordinates
-    regions["geometry"] = regions.geometry.affine_transform(
-        [transform.a, transform.b, transform.d, transform.e, transform.c, transform.f])
-    return regions
+        a = above.bottom + offsets[k - 1]
+        b = below.top + offsets[k]
+        touch = (above.bottom >= 0) & (below.top >= 0)
+        touch[touch] &= kinds[a[touch]] == kinds[b[touch]]
+        edges.append(np.unique(np.stack([a[touch], b[touch]], axis=1), axis=0))
+    m = len(kinds)
+    pairs = np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
+    count, group = connected_components(coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(m, m)),
+                                        directed=False)
+    stats = np.concatenate([p.stats for p in present])
+    geoms = np.concatenate([p.geoms for p in present])
+    first = np.full(count, m)
+    np.minimum.at(first, group, np.arange(m))  # each region in the order of its first piece
+    out = {"label": kinds[first]}
+    for j, name in ((0, "pixels"), (1, "valued"), (2, "sum")):
+        out[name] = np.bincount(group, weights=stats[:, j], minlength=count)
+    lo, hi = np.full(count, np.inf), np.full(count, -np.inf)
+    np.minimum.at(lo, group, stats[:, 3])
+    np.maximum.at(hi, group, stats[:, 4])
+    out["min"], out["max"] = np.where(np.isfinite(lo), lo, np.nan), np.where(np.isfinite(hi), hi, np.nan)
+    out["sum"] = np.where(out["valued"] > 0, out["sum"], np.nan)
+    merged = geoms[first]
+    order = np.argsort(group, kind="stable")
+    bounds = np.flatnonzero(np.diff(group[order])) + 1
+    for members in np.split(order, bounds):
+        if len(members) > 1:
+            merged[group[members[0]]] = shapely.union_all(geoms[members])
+    return gpd.GeoDataFrame(out, geometry=gpd.GeoSeries(merged, crs=crs), crs=crs)
+
+
+@dataclass
+class _StepTables:
+    """One step's figures, summed over strips."""
+
+    canopy_counts: np.ndarray = field(default_factory=lambda: np.zeros(GAIN + 1, np.int64))
+    canopy_sums: np.ndarray = field(default_factory=lambda: np.zeros(GAIN + 1))
+    canopy_total: float = 0.0
+    transitions: np.ndarray | None = None
+    canopy_pieces: list = field(default_factory=list)
+    transition_pieces: list = field(default_factory=list)
+
+    def canopy_summary(self) -> dict:
+        """Valid, loss, partial-loss and gain pixel counts and mean changes."""
+        counts, sums = self.canopy_counts, self.canopy_sums
+        valid = int(counts[1:].sum())
+
+        def mean(k):
+            return float(sums[k] / counts[k]) if counts[k] else None
+
+        return {"valid_pixels": valid, "loss_pixels": int(counts[LOSS]),
+                "partial_loss_pixels": int(counts[PARTIAL_LOSS]), "gain_pixels": int(counts[GAIN]),
+                "mean_change_m": self.canopy_total / valid if valid else None, "mean_loss_m": mean(LOSS),
+                "mean_partial_loss_m": mean(PARTIAL_LOSS), "mean_gain_m": mean(GAIN)}
+
+
+def _tile_rows(src, strip: int) -> list[tuple[int, int]]:
+    """(first row, rows) of the units read at once: whole rows of the rasters' tiles (each tile
+    is decoded once), and at least a strip high."""
+    block = src.block_shapes[0][0]
+    unit = max(block, -(-strip // block) * block)
+    return [(r, min(unit, src.height - r)) for r in range(0, src.height, unit)]
+
+
+@dataclass
+class _Pass:
+    """What one row of tiles of one step gives: its share of the tables, its strips' pieces."""
+
+    paths: dict[str, Path]
+    n_classes: int
+    width: int
+    height: int
+    strip_rows: int
+    min_pixels: float
+    polygons: bool
+
+    def __post_init__(self) -> None:
+        self.changed_class = np.arange(256, dtype=np.uint8)  # canopy change class -> 0 for no change
+        self.changed_class[NO_CHANGE] = 0
+        self.changed_pair = np.arange(256, dtype=np.uint8)  # transition code -> 0 where from == to
+        self.changed_pair[[1 + i * self.n_classes + i for i in range(self.n_classes)]] = 0
+
+    def unit(self, band: int, row0: int, h: int) -> _StepTables:
+        # opened by the thread that reads them: a rasterio dataset and its GDAL environment
+        # are the opening thread's own
+        with ExitStack() as stack:
+            src = {k: stack.enter_context(rasterio.open(p)) for k, p in self.paths.items()}
+            win = Window(0, row0, self.width, h)
+            part = _StepTables()
+            dh = code = codes = None
+            if "canopy" in src:
+                dh = src["canopy"].read(band, window=win)
+                code = src["canopy_classes"].read(band, window=win)
+                valued = np.isfinite(dh) & (code > 0)
+                part.canopy_total = float(dh[valued].sum(dtype=np.float64))
+                part.canopy_counts = np.bincount(code[valued], minlength=GAIN + 1)[:GAIN + 1]
+                part.canopy_sums = np.bincount(code[valued], weights=dh[valued], minlength=GAIN + 1)[:GAIN + 1]
+            if "transitions" in src:
+                codes = src["transitions"].read(band, window=win)
+                size = self.n_classes * self.n_classes + 1
+                part.transitions = np.bincount(codes.ravel(), minlength=size)[:size]
+        if not self.polygons:
+            return part
+        for r in range(0, h, self.strip_rows):
+            s = slice(r, min(r + self.strip_rows, h))
+            ends = (row0 + r == 0, row0 + s.stop == self.height)
+            if code is not None:
+                part.canopy_pieces.append(_pieces(self.changed_class[code[s]], dh[s], row0 + r, self.min_pixels,
+                                                  *ends))
+            if codes is not None:
+                part.transition_pieces.append(_pieces(self.changed_pair[codes[s]], None if dh is None else dh[s],
+                                                      row0 + r, self.min_pixels, *ends))
+        return part
+
+
+def change_tables(steps: list[Step], *, canopy: Path | None, canopy_classes: Path | None,
+                  transitions: Path | None, classes: ClassTable | None, min_area: float = 0.0,
+                  polygons: bool = True, workers: int = 1) -> tuple[list[_StepTables], object]:
+    """Per step, the canopy summary and transition matrix (``_StepTables``), and the change
+    polygons (:func:`change_polygons`; None unless ``polygons``), in one pass over the rasters,
+    rows of tiles on ``workers`` threads (see the module notes)."""
+    paths = {k: p for k, p in (("canopy", canopy), ("canopy_classes", canopy_classes),
+                               ("transitions", transitions)) if p is not None}
+    if not paths:  # embeddings only: nothing to count or trace
+        return [_StepTables() for _ in steps], None
+    with rasterio.open(next(iter(paths.values()))) as ref:
+        width, height, transform, crs = ref.width, ref.height, ref.transform, ref.crs
+        rows = _strip_rows(width)
+        units = _tile_rows(ref, rows)
+    work = _Pass(paths, len(classes) if transitions is not None else 0, width, height, rows,
+                 min_area / abs(transform.a * transform.e - transform.b * transform.d), polygons)
+    tables, frames = [], []
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="geodino-vectors") as pool:
+        for step in steps:
+            parts = list(pool.map(lambda u, band=step.band: work.unit(band, *u), units))
+            total = _StepTables(canopy_total=sum(p.canopy_total for p in parts),
+                                canopy_counts=sum(p.canopy_counts for p in parts),
+                                canopy_sums=sum(p.canopy_sums for p in parts),
+                                transitions=sum(p.transitions for p in parts) if transitions is not None else None)
+            tables.append(total)
+            if not polygons:
+                continue
+            if canopy is not None:
+                gdf = _regions([q for p in parts for q in p.canopy_pieces], crs)
+                names = {c.code: c.name for c in CANOPY_CHANGE_CLASSES.classes}
+                gdf["type"] = [names[int(c)] for c in gdf["label"]]
+                gdf["transition"] = ""
+                frames.append(_finish(gdf, step, transform))
+            if transitions is not None:
+                gdf = _regions([q for p in parts for q in p.transition_pieces], crs)
+                names = {c.code: c.name for c in transition_table(classes).classes}
+                gdf["type"] = "land-cover transition"
+                gdf["transition"] = [names.get(int(c), "") for c in gdf["label"]]
+                frames.append(_finish(gdf, step, transform))
+    return tables, (_polygon_table(frames, crs, min_area) if polygons else None)
 
 
 def change_polygons(steps: list[Step], *, canopy: Path | None, canopy_classes: Path | None,
@@ -166,63 +320,36 @@ def change_polygons(steps: list[Step], *, canopy: Path | None, canopy_classes: P
     """Polygons of the canopy change classes (loss, partial loss, gain: ``canopy_classes``, with
     the height change from ``canopy``) and of land-cover transitions for every step, at least
     ``min_area`` m² each."""
+    return change_tables(steps, canopy=canopy, canopy_classes=canopy_classes, transitions=transitions,
+                         classes=classes, min_area=min_area)[1]
+
+
+def _polygon_table(frames: list, crs, min_area: float):
+    """The steps' polygons in one table: by step, type, area (largest first), then position."""
     import geopandas as gpd
     import pandas as pd
 
-    sources = {}
-    if canopy is not None:
-        sources["canopy"] = rasterio.open(canopy)
-        sources["canopy_classes"] = rasterio.open(canopy_classes)
-    if transitions is not None:
-        sources["transitions"] = rasterio.open(transitions)
-    try:
-        ref = next(iter(sources.values()))
-        frames = []
-        for step in steps:
-            if "canopy" in sources:
-                src = sources["canopy"]
-
-                def read_canopy(win, src=src, band=step.band):
-                    lab = sources["canopy_classes"].read(band, window=win)
-                    lab[lab == NO_CHANGE] = 0
-                    return lab, src.read(band, window=win)
-
-                gdf = _vectorise(read_canopy, ref.width, ref.height, ref.transform, ref.crs, min_area)
-                names = {c.code: c.name for c in CANOPY_CHANGE_CLASSES.classes}
-                gdf["type"] = [names[int(c)] for c in gdf["label"]]
-                gdf["transition"] = ""
-                frames.append(_finish(gdf, step))
-            if "transitions" in sources:
-                n = len(classes)
-                unchanged = {1 + i * n + i for i in range(n)}
-
-                def read_transitions(win, band=step.band, unchanged=unchanged):
-                    codes = sources["transitions"].read(band, window=win)
-                    lab = np.where(np.isin(codes, list(unchanged)), 0, codes)
-                    dh = sources["canopy"].read(band, window=win) if "canopy" in sources else None
-                    return lab, dh
-
-                gdf = _vectorise(read_transitions, ref.width, ref.height, ref.transform, ref.crs, min_area)
-                names = {c.code: c.name for c in transition_table(classes).classes}
-                gdf["type"] = "land-cover transition"
-                gdf["transition"] = [names.get(int(c), "") for c in gdf["label"]]
-                frames.append(_finish(gdf, step))
-    finally:
-        for src in sources.values():
-            src.close()
     columns = ["type", "transition", "date_from", "date_to", "step", "area_m2", "mean_height_change_m",
                "min_height_change_m", "max_height_change_m", "pixels"]
     frames = [f for f in frames if len(f)]
     if not frames:
-        return gpd.GeoDataFrame({c: [] for c in columns}, geometry=gpd.GeoSeries([], crs=ref.crs), crs=ref.crs)
-    out = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry", crs=ref.crs)
+        return gpd.GeoDataFrame({c: [] for c in columns}, geometry=gpd.GeoSeries([], crs=crs), crs=crs)
+    out = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry", crs=crs)
     if min_area > 0:
         out = out[out["area_m2"] >= min_area]
-    out = out.sort_values(["step", "type", "area_m2"], ascending=[True, True, False], kind="stable")
+    # equal areas (small regions, above all) in the order of their top, then left edge: an order
+    # that does not depend on how the raster was cut into strips
+    b = out.geometry.bounds
+    out = out.assign(_top=-b["maxy"], _left=b["minx"])
+    out = out.sort_values(["step", "type", "area_m2", "_top", "_left"], ascending=[True, True, False, True, True],
+                          kind="stable")
     return out[columns + ["geometry"]].reset_index(drop=True)
 
 
-def _finish(gdf, step: Step):
+def _finish(gdf, step: Step, transform):
+    # pixel (column, row) -> map coordinates
+    gdf["geometry"] = gdf.geometry.affine_transform(
+        [transform.a, transform.b, transform.d, transform.e, transform.c, transform.f])
     gdf["date_from"], gdf["date_to"], gdf["step"] = step.date_from, step.date_to, step.label
     gdf["area_m2"] = gdf.geometry.area
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -230,39 +357,6 @@ def _finish(gdf, step: Step):
     gdf["min_height_change_m"], gdf["max_height_change_m"] = gdf["min"], gdf["max"]
     gdf["pixels"] = gdf["pixels"].astype(np.int64)
     return gdf
-
-
-def transition_matrix(path: Path, band: int, n_classes: int) -> np.ndarray:
-    """Pixel counts (from, to) of one band of a transition raster (nodata left out)."""
-    counts = np.zeros(n_classes * n_classes + 1, np.int64)
-    with rasterio.open(path) as src:
-        for win in _strips(src):
-            counts += np.bincount(src.read(band, window=win).ravel(), minlength=counts.size)[:counts.size]
-    return counts[1:].reshape(n_classes, n_classes)
-
-
-def canopy_summary(change: Path, change_classes: Path, band: int) -> dict:
-    """Valid, loss, partial-loss and gain pixel counts and mean changes of one step."""
-    counts = np.zeros(GAIN + 1, np.int64)
-    sums = np.zeros(GAIN + 1)
-    total = 0.0
-    with rasterio.open(change) as src, rasterio.open(change_classes) as cls:
-        for win in _strips(src):
-            dh = src.read(band, window=win).astype(np.float64)
-            code = cls.read(band, window=win).ravel()
-            finite = np.isfinite(dh.ravel()) & (code > 0)
-            code, dh = code[finite], dh.ravel()[finite]
-            total += dh.sum()
-            counts += np.bincount(code, minlength=GAIN + 1)[:GAIN + 1]
-            sums += np.bincount(code, weights=dh, minlength=GAIN + 1)[:GAIN + 1]
-    valid = int(counts[1:].sum())
-
-    def mean(k):
-        return float(sums[k] / counts[k]) if counts[k] else None
-
-    return {"valid_pixels": valid, "loss_pixels": int(counts[LOSS]), "partial_loss_pixels": int(counts[PARTIAL_LOSS]),
-            "gain_pixels": int(counts[GAIN]), "mean_change_m": total / valid if valid else None,
-            "mean_loss_m": mean(LOSS), "mean_partial_loss_m": mean(PARTIAL_LOSS), "mean_gain_m": mean(GAIN)}
 
 
 def embedding_summary(path: Path, band: int) -> dict:
@@ -284,4 +378,4 @@ def embedding_summary(path: Path, band: int) -> dict:
             "p95": round(float(np.searchsorted(cdf, 0.95)) * 0.005, 3)}
 
 
-__all__ = ["Step", "canopy_summary", "change_polygons", "embedding_summary", "transition_matrix"]
+__all__ = ["Step", "change_polygons", "change_tables", "embedding_summary"]

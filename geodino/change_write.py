@@ -26,13 +26,7 @@ from geodino.change_maps import (
     tree_codes,
 )
 from geodino.change_run import ChangeRun
-from geodino.change_vectors import (
-    Step,
-    canopy_summary,
-    change_polygons,
-    embedding_summary,
-    transition_matrix,
-)
+from geodino.change_vectors import Step, change_tables, embedding_summary
 from geodino.export import RasterOutput, atomic_path, check_writable, write_rasters
 from geodino.progress import Progress
 
@@ -138,12 +132,15 @@ def write_change(run: ChangeRun, out_dir: str | Path, *, min_height_change: floa
         finally:
             for r in run.runs:
                 r.hooks.remove(bar.advance)
+                r.scene.release_tiles()  # every window is read: the source tiles are not needed by the tables
     steps = [Step(k + 1, run.dates[i].label, run.dates[j].label) for k, (i, j) in enumerate(run.steps)]
-    report = _report(run, paths, steps, min_area)
-    if "polygons" in paths:
-        gdf = change_polygons(steps, canopy=paths.get("canopy_change"), canopy_classes=paths.get("canopy_change_class"),
-                              transitions=paths.get("landcover_transition"), classes=run.runs[0].classes,
-                              min_area=min_area)
+    # the summaries, the transition matrix and the polygons in one pass over the rasters
+    tables, gdf = change_tables(steps, canopy=paths.get("canopy_change"),
+                                canopy_classes=paths.get("canopy_change_class"),
+                                transitions=paths.get("landcover_transition"), classes=run.runs[0].classes,
+                                min_area=min_area, polygons="polygons" in paths)
+    report = _report(run, paths, steps, tables, min_area)
+    if gdf is not None:
         with atomic_path(paths["polygons"]) as tmp:
             gdf.to_file(tmp, driver="GPKG", layer="change")
         _polygon_summary(report, gdf)
@@ -178,7 +175,7 @@ def run_change(scenes, out_dir: str | Path, options, *, dates=None, grid=None,
     return report
 
 
-def _report(run: ChangeRun, paths: dict, steps: list[Step], min_area: float) -> dict:
+def _report(run: ChangeRun, paths: dict, steps: list[Step], tables: list, min_area: float) -> dict:
     grid = run.grid
     px = abs(grid.transform.a * grid.transform.e)
     o = run.options
@@ -198,10 +195,10 @@ def _report(run: ChangeRun, paths: dict, steps: list[Step], min_area: float) -> 
         "steps": [],
     }
     matrices = []
-    for step in steps:
+    for step, table in zip(steps, tables):
         entry = {"step": step.label, "date_from": step.date_from, "date_to": step.date_to}
         if "canopy_change" in paths:
-            s = canopy_summary(paths["canopy_change"], paths["canopy_change_class"], step.band)
+            s = table.canopy_summary()
             entry["canopy"] = {"valid_area_m2": s["valid_pixels"] * px, "loss_area_m2": s["loss_pixels"] * px,
                                "partial_loss_area_m2": s["partial_loss_pixels"] * px,
                                "gain_area_m2": s["gain_pixels"] * px, "mean_change_m": s["mean_change_m"],
@@ -209,7 +206,7 @@ def _report(run: ChangeRun, paths: dict, steps: list[Step], min_area: float) -> 
                                "mean_gain_m": s["mean_gain_m"]}
         if "landcover_transition" in paths:
             classes = run.runs[0].classes
-            m = transition_matrix(paths["landcover_transition"], step.band, len(classes)) * px / 1e6
+            m = table.transitions[1:].reshape(len(classes), len(classes)) * px / 1e6
             matrices.append((step, m))
             pairs = [(m[i, j], f"{a} -> {b}") for i, a in enumerate(classes.names)
                      for j, b in enumerate(classes.names) if i != j and m[i, j] > 0]

@@ -31,6 +31,30 @@ from rasterio.windows import Window
 LIMIT_PX = 1.0
 MIN_WINDOWS = 3  # windows that must agree before a shift is reported as a mis-registration
 MIN_WINDOW_PX = 32  # smaller windows hold too few edges for phase correlation
+READ_PIECE = 256  # largest piece of a check's read: no larger than the run's own windows
+
+
+def read_area(scene, area: Window) -> tuple[np.ndarray, np.ndarray]:
+    """``scene.read(area)`` (raw values, validity), read in pieces of at most
+    :data:`READ_PIECE` pixels a side.
+
+    The scene's cache of decoded source tiles (:mod:`geodino.tiles`) makes room for the
+    largest window read through it and keeps that room: one read of a 2048² crop of an 8192²
+    scene left room for four rows of tiles across the width, which the streamed pass then
+    filled (2 x 228 MB for a change of two 8192² dates, 2 x 48 MB for the run's own
+    windows). Pieces no larger than a window leave the cache as the run sizes it; the
+    values are the same, to the bit.
+    """
+    r0, c0, h, w = int(area.row_off), int(area.col_off), int(area.height), int(area.width)
+    data = np.empty((len(scene.bands), h, w), np.float32)
+    valid = np.empty((h, w), bool)
+    for r in range(0, h, READ_PIECE):
+        for c in range(0, w, READ_PIECE):
+            ph, pw = min(READ_PIECE, h - r), min(READ_PIECE, w - c)
+            part = np.empty((len(scene.bands), ph, pw), np.float32)
+            _, ok = scene.read(Window(c0 + c, r0 + r, pw, ph), out=part)
+            data[:, r:r + ph, c:c + pw], valid[r:r + ph, c:c + pw] = part, ok
+    return data, valid
 
 
 @dataclass(frozen=True)
@@ -171,8 +195,8 @@ def check_coregistration(reference, moving, *, reference_name: str = "reference"
     grid = reference.grid
     h, w = min(crop, grid.height), min(crop, grid.width)
     area = Window((grid.width - w) // 2, (grid.height - h) // 2, w, h)
-    ref, ref_ok = reference.read(area)
-    mov, mov_ok = moving.read(area)
+    ref, ref_ok = read_area(reference, area)
+    mov, mov_ok = read_area(moving, area)
     f = max(1, math.ceil(max(h, w) / max_size))
     cdy, cdx = _coarse(ref[:, ::f, ::f], ref_ok[::f, ::f], mov[:, ::f, ::f], mov_ok[::f, ::f], f)
     size = min(window, max(MIN_WINDOW_PX, min(h, w) // 3))  # a 3 x 3 layout fits on small grids
@@ -197,4 +221,4 @@ def check_coregistration(reference, moving, *, reference_name: str = "reference"
     return Coregistration(reference_name, moving_name, float(dy), float(dx), len(estimates), spread, limit_px)
 
 
-__all__ = ["LIMIT_PX", "MIN_WINDOWS", "Coregistration", "check_coregistration"]
+__all__ = ["LIMIT_PX", "MIN_WINDOWS", "Coregistration", "check_coregistration", "read_area"]

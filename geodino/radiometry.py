@@ -35,6 +35,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 from rasterio.windows import Window
 
+from geodino.coregistration import read_area
+
 BLOCK = 16  # pixels per side of the aggregated pairs (one backbone patch)
 SAMPLE_WINDOW = 256
 SAMPLES_PER_SIDE = 8
@@ -84,8 +86,8 @@ def _block_means(data: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.nd
 def _samples(reference, moving) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = [], []
     for win in _windows(reference.grid):
-        a, a_ok = reference.read(win)
-        b, b_ok = moving.read(win)
+        a, a_ok = read_area(reference, win)  # the whole of a small grid in pieces
+        b, b_ok = read_area(moving, win)
         ma, ok = _block_means(a, a_ok & b_ok)
         mb, _ = _block_means(b, a_ok & b_ok)
         xs.append(ma[:, ok])

@@ -321,6 +321,33 @@ def test_polygons_do_not_depend_on_strip_height(pair, cli_out, monkeypatch):
     assert (a["area_m2"] / 0.36).round().astype(int).tolist() == a["pixels"].tolist()
 
 
+def test_tables_are_the_rasters_counted(pair, cli_out, monkeypatch):
+    """The summaries and the transition matrix come out of the polygons' pass over strips and
+    rows of tiles, on worker threads: the same figures as the whole rasters counted at once."""
+    import geodino.change_vectors as cv
+    from geodino.change_maps import GAIN, LOSS
+    from geodino.classes import WORLDCOVER
+
+    with rasterio.open(cli_out / "canopy_change.tif") as a, rasterio.open(cli_out / "canopy_change_class.tif") as b, \
+            rasterio.open(cli_out / "landcover_transition.tif") as c:
+        dh, code, pairs = a.read(1).astype(np.float64), b.read(1), c.read(1)
+    n = len(WORLDCOVER)
+    kw = {"canopy": cli_out / "canopy_change.tif", "canopy_classes": cli_out / "canopy_change_class.tif",
+          "transitions": cli_out / "landcover_transition.tif", "classes": WORLDCOVER}
+    monkeypatch.setattr(cv, "STRIP_ROWS", 37)
+    for polygons, workers in ((True, 3), (False, 1)):
+        (table,), gdf = cv.change_tables([cv.Step(1, "a", "b")], **kw, polygons=polygons, workers=workers)
+        assert (gdf is not None) == polygons
+        np.testing.assert_array_equal(table.transitions[1:].reshape(n, n),
+                                      np.bincount(pairs.ravel(), minlength=n * n + 1)[1:].reshape(n, n))
+        s = table.canopy_summary()
+        valid = np.isfinite(dh) & (code > 0)
+        assert s["valid_pixels"] == valid.sum() and s["loss_pixels"] == (code == LOSS).sum() > 0
+        assert s["gain_pixels"] == (code == GAIN).sum()
+        assert s["mean_change_m"] == pytest.approx(dh[valid].mean(), rel=1e-9)
+        assert s["mean_loss_m"] == pytest.approx(dh[code == LOSS].mean(), rel=1e-9)
+
+
 def test_series_has_a_band_per_step_and_first_to_last(pair, tiny_models, tmp_path, windows_inferred):
     from geodino.change_write import write_change
 
@@ -416,6 +443,15 @@ def test_python_api_is_lazy_and_crs_aware(pair, tiny_models):
     assert ds.rio.crs.to_epsg() == 32737 and ds.attrs["dates"] == ["2021-06-14", "2024-06-20"]
     e = ds.embedding_change.compute().values[0]
     assert np.nanmax(e) > 5 * np.nanmedian(e)  # the changed places stand out
+
+
+def test_embeddings_only_change_is_written(pair, tiny_models, tmp_path):
+    from geodino.change_write import write_change
+
+    run = _build([pair.before.scene, pair.after.scene], _options(tiny_models, canopy_head=None, landcover_head=None))
+    report = write_change(run, tmp_path / "out", quiet=True)
+    assert report["outputs"] == {"embedding_change": "embedding_change.tif"}
+    assert report["steps"][0]["embedding_change"]["valid_patches"] > 0 and "canopy" not in report["steps"][0]
 
 
 # --------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from geodino.change_maps import (
     transition_table,
 )
 from geodino.classes import ClassTable
+from geodino.units import pixel_area_m2
 
 STRIP_ROWS = 512  # rows labelled at a time, at most ...
 STRIP_PIXELS = 2048 * 512  # ... and fewer on wide scenes, so that a strip's arrays do not grow with the width
@@ -288,7 +289,7 @@ def change_tables(steps: list[Step], *, canopy: Path | None, canopy_classes: Pat
         rows = _strip_rows(width)
         units = _tile_rows(ref, rows)
     work = _Pass(paths, len(classes) if transitions is not None else 0, width, height, rows,
-                 min_area / abs(transform.a * transform.e - transform.b * transform.d), polygons)
+                 min_area / pixel_area_m2(crs, transform), polygons)
     tables, frames = [], []
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="geodino-vectors") as pool:
         for step in steps:
@@ -305,13 +306,13 @@ def change_tables(steps: list[Step], *, canopy: Path | None, canopy_classes: Pat
                 names = {c.code: c.name for c in CANOPY_CHANGE_CLASSES.classes}
                 gdf["type"] = [names[int(c)] for c in gdf["label"]]
                 gdf["transition"] = ""
-                frames.append(_finish(gdf, step, transform))
+                frames.append(_finish(gdf, step, transform, pixel_area_m2(crs, transform)))
             if transitions is not None:
                 gdf = _regions([q for p in parts for q in p.transition_pieces], crs)
                 names = {c.code: c.name for c in transition_table(classes).classes}
                 gdf["type"] = "land-cover transition"
                 gdf["transition"] = [names.get(int(c), "") for c in gdf["label"]]
-                frames.append(_finish(gdf, step, transform))
+                frames.append(_finish(gdf, step, transform, pixel_area_m2(crs, transform)))
     return tables, (_polygon_table(frames, crs, min_area) if polygons else None)
 
 
@@ -346,12 +347,13 @@ def _polygon_table(frames: list, crs, min_area: float):
     return out[columns + ["geometry"]].reset_index(drop=True)
 
 
-def _finish(gdf, step: Step, transform):
+def _finish(gdf, step: Step, transform, pixel_m2: float):
     # pixel (column, row) -> map coordinates
     gdf["geometry"] = gdf.geometry.affine_transform(
         [transform.a, transform.b, transform.d, transform.e, transform.c, transform.f])
     gdf["date_from"], gdf["date_to"], gdf["step"] = step.date_from, step.date_to, step.label
-    gdf["area_m2"] = gdf.geometry.area
+    # whole pixels times the pixel's ground area: m² whatever the CRS's unit (feet on State Plane)
+    gdf["area_m2"] = gdf["pixels"] * pixel_m2
     with np.errstate(invalid="ignore", divide="ignore"):
         gdf["mean_height_change_m"] = np.where(gdf["valued"] > 0, gdf["sum"] / gdf["valued"], np.nan)
     gdf["min_height_change_m"], gdf["max_height_change_m"] = gdf["min"], gdf["max"]

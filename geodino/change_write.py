@@ -29,6 +29,7 @@ from geodino.change_run import ChangeRun
 from geodino.change_vectors import Step, change_tables, embedding_summary
 from geodino.export import RasterOutput, atomic_path, check_writable, write_rasters
 from geodino.progress import Progress
+from geodino.units import pixel_area_m2
 
 OUTPUTS = ("canopy_change.tif", "canopy_change_class.tif", "landcover_transition.tif", "embedding_change.tif", "change.gpkg",
            "transitions.csv", "transitions.json", "report.json")
@@ -177,7 +178,7 @@ def run_change(scenes, out_dir: str | Path, options, *, dates=None, grid=None,
 
 def _report(run: ChangeRun, paths: dict, steps: list[Step], tables: list, min_area: float) -> dict:
     grid = run.grid
-    px = abs(grid.transform.a * grid.transform.e)
+    px = pixel_area_m2(grid.crs, grid.transform)  # m², whatever the CRS's unit
     o = run.options
     report = {
         "scenes": [r.scene.paths[0] for r in run.runs], "dates": [d.label for d in run.dates],

@@ -652,3 +652,26 @@ def test_notebook_is_stored_executed_small_and_clean():
     assert not [o for o in outputs if o.output_type == "error" or (o.output_type == "stream" and o.name == "stderr")]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3
     assert path.stat().st_size < 1_000_000
+
+
+def test_change_polygon_areas_on_a_feet_grid_are_square_metres(cli_out, tmp_path):
+    """The change rasters relabelled onto a State Plane grid of 2 ft pixels: a polygon's area
+    is its pixels times 0.37 m², not times 4 (and --min-area is in m² there too)."""
+    import geodino.change_vectors as cv
+    from geodino.classes import WORLDCOVER
+
+    us_foot = 1200 / 3937
+    kw = {}
+    for key, name in (("canopy", "canopy_change.tif"), ("canopy_classes", "canopy_change_class.tif"),
+                      ("transitions", "landcover_transition.tif")):
+        with rasterio.open(cli_out / name) as src:
+            profile, data = src.profile, src.read()
+        profile.update(crs="EPSG:2263", transform=rasterio.Affine(2, 0, 1_000_000, 0, -2, 200_000))
+        with rasterio.open(tmp_path / name, "w", **profile) as dst:
+            dst.write(data)
+        kw[key] = tmp_path / name
+    gdf = cv.change_polygons([cv.Step(1, "a", "b")], **kw, classes=WORLDCOVER, min_area=2.0)
+    pixel = 4 * us_foot ** 2
+    assert len(gdf) > 5
+    np.testing.assert_allclose(gdf["area_m2"], gdf["pixels"] * pixel, rtol=1e-12)
+    assert gdf["pixels"].min() >= 6  # 5 px are 1.86 m²: under the 2 m² minimum

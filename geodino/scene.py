@@ -282,6 +282,7 @@ class Scene:
         reader = self.__dict__.get("_tiles")
         if reader:
             reader.cache.clear()
+            reader.cache.capacity = 0  # room is made again for the next windows' size, not the largest ever read
 
     def _sample_grid(self, max_size: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Rows and columns of a decimated read to ``max_size`` without overviews (every f-th

@@ -139,3 +139,17 @@ def test_the_decimated_read_is_gathered_as_windows_decode_the_tiles(tmp_path, mo
     assert scene.read_overview(64)[0] is not data  # a new array each time, as before
     # a size the windows did not gather is read as before
     np.testing.assert_array_equal(scene.read_overview(32)[0], open_scene(path, **kw)._read_overview(32)[0])
+
+
+def test_released_tiles_give_back_the_room_a_large_read_made(tmp_path):
+    """A large read (e.g. a co-registration crop) makes room for its tiles; after the tiles are
+    released, the next windows make room for their own size only, not the largest ever read."""
+    path = write_raster(tmp_path / "s.tif", random_image(512, 640, 3, "uint8"), tiled=True, blockxsize=64,
+                        blockysize=64)
+    scene = open_scene(path)
+    scene.read(Window(0, 0, 400, 400))
+    reader = scene._tiled_reader(scene._dataset())
+    large = reader.cache.capacity
+    scene.release_tiles()
+    scene.read(Window(0, 0, 96, 96))
+    assert 0 < reader.cache.capacity < large

@@ -182,8 +182,7 @@ def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compr
                 _describe(dst, out)
                 raw = None
                 if out.trace_pixels and direct[-1] and RawPixels.supports(out.dtype, dst.count):
-                    raw = RawPixels(stream_tmp.with_suffix(".pixels"), dst.height, dst.width, out.dtype,
-                                    halves=(os.cpu_count() or 1) > 1)
+                    raw = RawPixels(stream_tmp.with_suffix(".pixels"), dst.height, dst.width, out.dtype)
                     stack.callback(raw.remove)
                 flat.append(raw)
                 writers.append(TileRows(dst, COG_BLOCK, on_row=None if raw is None else raw.write_rows, store=store)
@@ -240,7 +239,7 @@ def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compr
             # the copy and the structure of the streamed file (georeferencing, nodata, CRS)
             early = {i for i, ((out, _, _), raw) in enumerate(zip(staged, flat))
                      if out.after is not None and raw is not None and raw.complete}
-            jobs = [pool.submit(staged[i][0].after, staged[i][1], pixels=flat[i].parts) for i in sorted(early)]
+            jobs = [pool.submit(staged[i][0].after, staged[i][1], pixels=flat[i].path) for i in sorted(early)]
             for done in [pool.submit(convert, *args) for args in zip(staged, pyramids, direct, stores)]:
                 done.result()
             # work on the finished files (still at their temporary paths), side by side:

@@ -68,11 +68,10 @@ def polygonize(raster: str | os.PathLike, out: str | os.PathLike, classes: Class
     with rasterio.open(raster) as src:
         nodata = src.nodata if src.nodata is not None else classes.nodata
         crs, transform = src.crs, src.transform
-        parts = None if pixels is None else [(pixels, 0)] if isinstance(pixels, (str, os.PathLike)) else list(pixels)
-        traced = _trace_with_gdal(src, nodata, parts)
+        traced = _trace_with_gdal(src, nodata, pixels)
         if traced is None:
-            with _rows_of(src, parts) as read_rows:
-                traced = (*_trace_with_shapes(read_rows, src.height, nodata, strip_rows, transform), None)
+            with _pixels_of(src, pixels) as data:
+                traced = (*_trace_with_shapes(data, nodata, strip_rows, transform), None)
         codes, geoms, wkb = traced
     if crs is not None and crs.is_projected:
         # a region is whole pixels: its area is a pixel count times the pixel's area, exactly.
@@ -112,28 +111,19 @@ def _write_layer(path: Path, crs, codes: np.ndarray, names: list[str], areas: np
 
 
 @contextlib.contextmanager
-def _rows_of(src, parts):
-    """``read_rows(row, height)`` of ``src``'s band 1: from ``src`` itself, or from its flat copy
-    in ``parts`` [(file, first row)]."""
-    if parts is None:
-        yield lambda row, h: src.read(1, window=Window(0, row, src.width, h))
+def _pixels_of(src, pixels):
+    """The dataset to read ``src``'s pixels from: ``src`` itself, or its flat copy."""
+    if pixels is None:
+        yield src
         return
     import warnings
 
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(warnings.catch_warnings())
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)  # the copy has no georeference
-        files = [(stack.enter_context(rasterio.open(path)), first) for path, first in parts]
-        if sum(f.height for f, _ in files) != src.height or any(f.width != src.width for f, _ in files):
-            raise ValueError(f"{parts[0][0]}: not a copy of {src.name} ({src.width} x {src.height})")
-
-        def read_rows(row: int, h: int) -> np.ndarray:
-            pieces = [f.read(1, window=Window(0, max(row, first) - first, src.width,
-                                               min(row + h, first + f.height) - max(row, first)))
-                      for f, first in files if max(row, first) < min(row + h, first + f.height)]
-            return np.concatenate(pieces)
-
-        yield read_rows
+        with rasterio.open(pixels) as copy:
+            if (copy.width, copy.height) != (src.width, src.height):
+                raise ValueError(f"{pixels}: not a copy of {src.name} ({src.width} x {src.height})")
+            yield copy
 
 
 def _sort_order(codes: np.ndarray, areas: np.ndarray, geoms) -> np.ndarray:
@@ -247,48 +237,29 @@ def _vector_memory_driver(lib) -> int | None:
     return None
 
 
-def _trace_with_gdal(src, nodata, parts=None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def _trace_with_gdal(src, nodata, pixels=None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(class codes, polygons, their WKB) of ``src``'s band 1 by GDAL's C polygoniser; None where it cannot run.
 
-    ``parts``: [(flat raw copy of rows of that band, first row)] to read instead: one file
-    (georeferenced by ``src``), or two halves traced at once (:func:`geodino.pieces.trace_halves`)."""
+    ``pixels``: a flat raw copy of that band to read instead, georeferenced by ``src``."""
     lib = gdal_library()
     if lib is None or src.dtypes[0] not in EXACT_DTYPES:
         return None
-    if parts is not None and len(parts) == 2:
-        from geodino.pieces import trace_halves
-
-        def trace(source):
-            path, rows = source
-            traced = _trace_file(lib, path, (src.width, rows), nodata, src.name, georef=None)
-            if traced is None:
-                raise rasterio.errors.RasterioIOError(f"{path}: GDAL cannot open it")
-            return traced[0], traced[2]
-
-        (top, _), (bottom, cut) = parts
-        return trace_halves(trace, [((top, cut), 0), ((bottom, src.height - cut), cut)], src.height, src.transform)
     bh, bw = src.block_shapes[0]
     row_of_blocks = -(-src.width // bw) * bw * bh * np.dtype(src.dtypes[0]).itemsize
-    if parts is None:
-        with _block_cache_at_least(lib, 2 * row_of_blocks):
-            return _trace_file(lib, src.name, None, nodata, src.name, georef=None)
-    return _trace_file(lib, parts[0][0], (src.width, src.height), nodata, src.name, georef=src.name)
-
-
-def _trace_file(lib, path, size: tuple[int, int] | None, nodata, name: str, georef):
-    """(values, polygons, WKB) of band 1 of the raster file ``path`` (of ``size`` (width,
-    height) when given, else any); None if GDAL cannot open it."""
-    with rasterio.Env():
-        ds = lib.GDALOpenEx(os.fsencode(path), GDAL_OF_RASTER | GDAL_OF_VERBOSE_ERROR, None, None, None)
+    path, georef = (os.fsencode(src.name), None) if pixels is None else (os.fsencode(pixels), src.name)
+    with rasterio.Env(), _block_cache_at_least(lib, 2 * row_of_blocks if pixels is None else 0):
+        ds = lib.GDALOpenEx(path, GDAL_OF_RASTER | GDAL_OF_VERBOSE_ERROR, None, None, None)
         if not ds:
             return None
         try:
-            if size is not None and (lib.GDALGetRasterXSize(ds), lib.GDALGetRasterYSize(ds)) != size:
-                raise ValueError(f"{path}: not a copy of {name} ({size[0]} x {size[1]})")
+            band = lib.GDALGetRasterBand(ds, 1)
+            if pixels is not None and (lib.GDALGetRasterXSize(ds), lib.GDALGetRasterYSize(ds)) != (src.width,
+                                                                                                  src.height):
+                raise ValueError(f"{pixels}: not a copy of {src.name} ({src.width} x {src.height})")
             # no mask: nodata regions are traced like any class and dropped after. Their pixels
             # end the regions next to them all the same, and a nodata mask band would read
             # every row a second time (1.8 s instead of 2.2 s on the 8192² benchmark map)
-            return _polygonize_band(lib, lib.GDALGetRasterBand(ds, 1), None, skip=nodata, name=name, georef=georef)
+            return _polygonize_band(lib, band, None, skip=nodata, name=src.name, georef=georef)
         finally:
             lib.GDALClose(ds)
 
@@ -414,35 +385,44 @@ def _features(lib, layer, skip) -> tuple[list[int], list[bytes]]:
 # reference path: rasterio.features.shapes in strips, pieces at strip borders merged
 
 
-def _trace_with_shapes(read_rows, height: int, nodata, strip_rows: int, t) -> tuple[np.ndarray, np.ndarray]:
-    """(class codes, polygons) of a band of ``height`` rows read by ``read_rows(row, rows)`` in
-    strips of ``strip_rows`` rows, georeferenced by ``t`` (the raster's transform).
+def _trace_with_shapes(src, nodata, strip_rows: int, t) -> tuple[np.ndarray, np.ndarray]:
+    """(class codes, polygons) of ``src``'s band 1, read in strips of ``strip_rows`` rows,
+    georeferenced by ``t`` (the raster's transform).
 
     Regions are traced in whole pixel coordinates of the raster, so that the pieces of a region
     that strip borders cut meet exactly, merge into one polygon, and lose the vertices the cuts
     left on straight edges (as GDAL does, tracing the whole raster). Pixel corners are then mapped
     to the map with GDAL's own arithmetic: the same coordinates, to the bit, as the fast path.
     """
+    import pandas as pd
+    import shapely
     from affine import Affine
     from rasterio.features import shapes
 
-    from geodino.pieces import join, to_map
-
     codes, geoms, on_border = [], [], []
-    for row in range(0, height, strip_rows):
-        h = min(strip_rows, height - row)
-        data = read_rows(row, h)
+    for row in range(0, src.height, strip_rows):
+        h = min(strip_rows, src.height - row)
+        data = src.read(1, window=Window(0, row, src.width, h))
         for geom, value in shapes(data, mask=data != nodata, connectivity=4, transform=Affine.translation(0, row)):
             g = _polygon(geom)
             _, top, _, bottom = g.bounds
             codes.append(int(value))
             geoms.append(g)
             # a region that reaches a strip border (not the raster's) may go on next door
-            on_border.append((row > 0 and top == row) or (row + h < height and bottom == row + h))
+            on_border.append((row > 0 and top == row) or (row + h < src.height and bottom == row + h))
     if not geoms:
         return np.zeros(0, np.int64), np.empty(0, dtype=object)
-    codes, pixel_geoms = join(np.asarray(codes, np.int64), np.asarray(geoms, dtype=object), np.asarray(on_border))
-    return codes, to_map(pixel_geoms, t)
+    pieces = pd.DataFrame({"class_code": np.asarray(codes, np.int64), "border": on_border})
+    pieces["geometry"] = np.asarray(geoms, dtype=object)
+    inner, cut = pieces[~pieces["border"]], pieces[pieces["border"]]
+    merged = [(code, part) for code, group in cut.groupby("class_code")
+              for part in shapely.get_parts(shapely.union_all(group["geometry"].to_numpy()))]
+    codes = np.concatenate([inner["class_code"].to_numpy(), np.asarray([c for c, _ in merged], np.int64)])
+    pixel_geoms = np.concatenate([inner["geometry"].to_numpy(),
+                                  shapely.simplify(np.asarray([g for _, g in merged], dtype=object), 0)])
+    # (x0 + col * dx) + row * rx, in this order, as GDAL's polygoniser georeferences vertices
+    return codes, shapely.transform(pixel_geoms, lambda p: np.column_stack(
+        [t.c + p[:, 0] * t.a + p[:, 1] * t.b, t.f + p[:, 0] * t.d + p[:, 1] * t.e]))
 
 
 def _polygon(geojson: dict):

@@ -237,7 +237,6 @@ def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, 
     if o.quicklook:
         # drawn from the finished COGs while the polygons are traced, put in place with them
         beside = functools.partial(_quicklook, run=run, png=stack.enter_context(atomic_path(out / "quicklook.png")))
-        stack.enter_context(_imported_meanwhile(QUICKLOOK_MODULES))
     start = time.perf_counter()
     with stack, Progress(f"{run.scene.name}", total=total, enabled=None if not quiet else False) as bar:
         run.hooks.append(bar.advance)
@@ -271,34 +270,6 @@ def write_scene(run: SceneRun, out_dir: str | Path, *, overwrite: bool = False, 
     with atomic_path(out / REPORT) as tmp:
         tmp.write_text(json.dumps(report, indent=2))
     return report
-
-
-# what drawing the quicklook imports: ~0.6 s of interpreter time, spent while windows are inferred
-QUICKLOOK_MODULES = ("matplotlib.figure", "matplotlib.backends.backend_agg", "matplotlib.patches", "matplotlib.ticker")
-
-
-@contextlib.contextmanager
-def _imported_meanwhile(modules: Sequence[str]):
-    """Import ``modules`` on a thread of their own while the block runs (joined when it ends).
-
-    The quicklook is drawn after the last window, on the run's critical path; importing
-    matplotlib there costs more than drawing. Imported meanwhile, the import takes turns with
-    the run's own threads when they wait on the model, reading or compression.
-    """
-    import importlib
-    import threading
-
-    def load() -> None:
-        for name in modules:
-            with contextlib.suppress(ImportError):
-                importlib.import_module(name)
-
-    thread = threading.Thread(target=load, name="geodino-imports", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        thread.join()
 
 
 def _quicklook(files: dict[Path, Path], *, run: SceneRun, png: Path) -> None:

@@ -81,3 +81,35 @@ def test_thin_images_keeps_the_nearest_rows_and_columns_and_the_extent():
     masked = ax.imshow(np.ma.masked_invalid(np.where(data > 5000, np.nan, data)), extent=(0, 10, 0, 1000))
     thin_images(fig, dpi=100)
     assert masked.get_array().mask[:, 0].tolist() == [r > 500 for r in range(5, 1000, 10)]
+
+
+def test_a_run_draws_with_collection_deferred_and_restores_it(tmp_path, monkeypatch):
+    """The run's quicklook defers Python's cyclic garbage collection while it draws (a full
+    collection of a run's heap is most of matplotlib's import cost); the process's setting
+    is what it was, after the drawing as before, whatever it was."""
+    import gc
+
+    import geodino.quicklook
+    from geodino.pipeline import _collection_deferred, build_run, load_pipeline, write_scene
+    from tests.conftest import REPO
+
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            with _collection_deferred():
+                assert not gc.isenabled()
+            assert gc.isenabled() == enabled
+        finally:
+            gc.enable()
+    seen, real = [], geodino.quicklook.quicklook
+
+    def spy(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(geodino.quicklook, "quicklook", spy)
+    opts = load_pipeline(REPO / "pipelines" / "demo.yaml")
+    opts.window, opts.overlap, opts.polygons = 128, 32, False
+    write_scene(build_run(str(REPO / "data_samples" / "scene" / "scene.tif"), opts), tmp_path, quiet=True)
+    assert seen == [False] and gc.isenabled()
+    assert (tmp_path / "quicklook.png").exists()

@@ -243,6 +243,9 @@ class Scene:
         state.pop("_sample", None)
         return state
 
+    def __reduce__(self):
+        return _shared_scene, (type(self), self.__getstate__())
+
     def read_overview(self, max_size: int = OVERVIEW_SIZE) -> tuple[np.ndarray, np.ndarray]:
         """A decimated read of the whole scene (from overviews where present) for statistics.
 
@@ -351,6 +354,31 @@ class Scene:
 
 _HANDLES = threading.local()
 _MEMO_LOCK = threading.Lock()
+_SHARED: dict = {}  # pickled state -> Scene, most recently used last (see _shared_scene)
+SHARED_SCENES = 4
+
+
+def _shared_scene(cls, state: dict):
+    """The Scene a pickle holds, one object per process for equal scenes.
+
+    A dask.distributed worker unpickles every task on its own, so each window batch would get
+    a Scene of its own, with an empty cache of decoded source tiles: every window decoded
+    its tiles again (the read path's sharing of tiles between overlapping windows,
+    :mod:`geodino.tiles`, lost). Equal scenes unpickled in one process are one object, as in
+    a threaded run; the few most recent are kept (a change run reads two dates at once).
+    """
+    import pickle
+
+    key = (cls, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+    with _MEMO_LOCK:
+        scene = _SHARED.pop(key, None)
+        if scene is None:
+            scene = cls.__new__(cls)
+            scene.__dict__.update(state)
+        _SHARED[key] = scene
+        while len(_SHARED) > SHARED_SCENES:
+            _SHARED.pop(next(iter(_SHARED)))
+    return scene
 
 
 def _window_shape(window: Window) -> tuple[int, int]:

@@ -153,3 +153,22 @@ def test_released_tiles_give_back_the_room_a_large_read_made(tmp_path):
     scene.release_tiles()
     scene.read(Window(0, 0, 96, 96))
     assert 0 < reader.cache.capacity < large
+
+
+def test_unpickled_copies_of_a_scene_share_its_decoded_tiles(tmp_path):
+    """dask.distributed unpickles each task on its own: the window batches of one worker
+    still read through one Scene, each tile decoded once, as in a threaded run."""
+    import pickle
+
+    path = write_raster(tmp_path / "s.tif", random_image(512, 384, 3, "uint8"), tiled=True, blockxsize=64,
+                        blockysize=64)
+    blob = pickle.dumps(open_scene(path))
+    copies = [pickle.loads(blob) for _ in range(3)]
+    assert copies[0] is copies[1] is copies[2]
+    grid = list(window_grid(512, 384, WindowSpec(96, 32)))
+    for k, tile in enumerate(grid):  # windows read by whichever task got them
+        copies[k % 3].read(tile.window)
+    reader = copies[0]._tiled_reader(copies[0]._dataset())
+    assert reader.cache.loads == (512 // 64) * (384 // 64)
+    other = open_scene(write_raster(tmp_path / "t.tif", random_image(64, 64, 3, "uint8")))
+    assert pickle.loads(pickle.dumps(other)) is not copies[0]

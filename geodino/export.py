@@ -135,7 +135,9 @@ def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compr
     side by side on threads and renamed into place when all are done. Any failure or
     interrupt leaves nothing at the final paths. Each output's ``after`` and ``beside`` (called
     with {final path: finished file at its temporary path} for all outputs) run side by side
-    once every COG is finished, before anything is renamed into place.
+    once every COG is finished, before anything is renamed into place; an ``after`` that has
+    a flat copy of its output's pixels (``trace_pixels``) starts as soon as the stream ends.
+    Single-band DEFLATE tiles are encoded by :mod:`geodino.tilecodec`, not GDAL.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -172,7 +174,8 @@ def write_rasters(outputs: list[RasterOutput], *, overwrite: bool = False, compr
                 if direct[-1] and cogcodec.encodes_here(out.data.shape[0], profile) \
                         and Pyramid.streams(profile, out.data.chunks):
                     # GDAL writes the structure, tiles are encoded here (geodino.tilecodec)
-                    encode = dict(predictor=profile["predictor"], level=profile["ZLEVEL"], fill=cogcodec.fill_value(out.dtype, out.nodata))
+                    encode = dict(predictor=profile["predictor"], level=profile["ZLEVEL"],
+                                  fill=cogcodec.fill_value(out.dtype, out.nodata))
                     store = TileStore(stream_tmp.with_suffix(".tiles"), profile["height"], profile["width"],
                                       COG_BLOCK, out.dtype, **encode)
                     stack.callback(store.remove)

@@ -2,9 +2,9 @@
 
 ``GDALPolygonize`` reads its band one row at a time, twice (a labelling pass, then the
 tracing pass). From a tiled, compressed COG, each of those row reads visits every tile of
-the row through GDAL's block cache: on the 8192² benchmark map that is about a third of the
-tracing time (2.2-2.6 CPU-s from the COG against 1.5-1.7 from a flat file, the same
-polygons to the bit; BENCHMARKS.md). The rows of tiles :class:`geodino.tilerows.TileRows`
+the row through GDAL's block cache (on the 8192² benchmark map, polygonize alone: 1.9-2.7
+CPU-s from the COG against 1.5-2.6 from a flat file, alternating runs on a busy machine;
+the same polygons to the bit; BENCHMARKS.md). The rows of tiles :class:`geodino.tilerows.TileRows`
 hands to GDAL are whole, full-width rows, so a copy of them in a flat file costs one
 sequential write of the pixels while the run streams. The file is GDAL's ENVI raw format
 (band-sequential, with a text header GDAL reads), so no GDAL writer is involved; it lives in

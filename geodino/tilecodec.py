@@ -1,17 +1,17 @@
 """DEFLATE tiles of a GeoTIFF encoded here, with Intel's ISA-L, instead of by GDAL's zlib.
 
-Encoding tiles was the largest cost of a run's output side: GDAL compresses with zlib, and
-a float32 canopy map at DEFLATE level 1 took 1.6 CPU-s per 8192² (plus a third of that for
-its overview levels), about an eighth of the pipeline's whole CPU time with an instant
-model. ISA-L's DEFLATE (the ``isal`` package) writes the same format (a zlib stream, what
-TIFF's compression 8 holds, readable by every DEFLATE reader) several times faster, for
-float maps of the same size (class maps come out larger, still a few MB per 8192²; figures
-in :func:`_level`). GDAL cannot be given another encoder, so tiles are encoded here, with
+Encoding tiles was the largest cost of a run's output side: GDAL (libtiff's predictor and
+libdeflate, in rasterio's wheels) took 1.5-1.6 CPU-s per 8192² float32 canopy map at DEFLATE
+level 1 and 0.35 s per class map at level 6, plus a third again for the overview levels.
+ISA-L's DEFLATE (the ``isal`` package) writes the same format (a zlib stream, what TIFF's
+compression 8 holds, readable by every DEFLATE reader): 0.64-0.88 s and 0.04-0.05 s for the
+same maps with the predictor done here, float maps 3% larger, class maps 3.5 MB instead of
+1.9 per 8192² (BENCHMARKS.md, "Pipeline ceiling, third pass"). GDAL cannot be given another encoder, so tiles are encoded here, with
 TIFF's predictors done in numpy, and kept in a :class:`TileStore` (one file of tiles and
 their index) from which :func:`geodino.cog.assemble_cog` lays them out. GDAL still writes
 each image's structure (tags, georeferencing, colour table, metadata) to a sparse GeoTIFF
-that holds no tiles. Without ``isal`` the standard library's zlib (GDAL's own codec) is
-used: the same files, at GDAL's speed.
+that holds no tiles. Without ``isal`` the standard library's zlib is used: the same
+format, slower than GDAL's libdeflate.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ try:
     def _level(level: int) -> int:
         """ISA-L's level (0-3) for a zlib level (0-9): 1-3 -> 1, 4 and up -> 2.
 
-        Measured on the 8192² benchmark maps (per 8192², zlib's figures in brackets): float
-        heights with predictor 3 at 1: 101 MB (zlib 1: 100 MB) in 0.27x the CPU time (the
-        predictor included); 7-class land cover at 2: 3.5 MB (zlib 6: 2.0 MB) in 0.08x. ISA-L's 3 came out
-        larger than its 2 on both, so it is not used.
+        Measured on the 8192² benchmark maps against Python's zlib (per 8192²): float heights
+        with predictor 3 at 1: 101 MB (zlib 1: 100 MB) in 0.27x the CPU time, the predictor
+        included; 7-class land cover at 2: 3.5 MB (zlib 6: 2.0 MB) in 0.08x. ISA-L's 3 came
+        out larger than its 2 on both, so it is not used.
         """
         return 0 if level <= 0 else 1 if level <= 3 else 2
 except ImportError:  # pragma: no cover - isal is a dependency; its absence only costs speed
@@ -93,12 +93,11 @@ class TileStore:
         if top % t or pixels.shape[-1] != self.width:
             raise ValueError(f"a row of tiles starts on a multiple of {t} and spans the width {self.width}")
         rows = pixels.reshape(pixels.shape[-2], self.width)
-        pad = np.full((t, t), self.fill, self.dtype)
         chunks = []
         for c in range(self.across):
             part = rows[:, c * t:(c + 1) * t]
-            if part.shape != (t, t):
-                pad[:] = self.fill
+            if part.shape != (t, t):  # an edge tile: padded to the full tile
+                pad = np.full((t, t), self.fill, self.dtype)
                 pad[:part.shape[0], :part.shape[1]] = part
                 part = pad
             chunks.append(encode_tile(part, self.predictor, self.level))

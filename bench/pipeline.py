@@ -88,13 +88,11 @@ def main() -> None:
             setattr(opts, key, getattr(args, key))
     cluster = None
     if args.scheduler == "local":
-        # started before the clock: the run then connects to it, as to any scheduler address
-        from distributed import LocalCluster
-
+        # started before the clock, as `--scheduler local` starts it (geodino's worker
+        # environment); the run then connects to it, as to any scheduler address
         t = time.perf_counter()
-        cluster = LocalCluster(n_workers=args.processes, threads_per_worker=max(1, (os.cpu_count() or 1)
-                                                                                // args.processes),
-                               processes=True, dashboard_address=None)
+        cluster_scope = pipeline.local_cluster(args.processes, max(1, (os.cpu_count() or 1) // args.processes))
+        cluster = cluster_scope.__enter__()
         startup = time.perf_counter() - t
         opts.scheduler = cluster.scheduler_address
         _record_graph_sizes()
@@ -120,7 +118,7 @@ def main() -> None:
         seconds, cpu = time.perf_counter() - t, _cpu_seconds() - cpu
     windows = len(run.tiles)
     if cluster is not None:
-        cluster.close()
+        cluster_scope.__exit__(None, None, None)
     print(json.dumps({
         "benchmark": "pipeline", "size": args.size, "windows": windows, "scheduler": args.scheduler,
         "workers": opts.workers, "processes": args.processes if args.scheduler == "local" else None,

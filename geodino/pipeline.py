@@ -306,6 +306,20 @@ def _polygons(cog: Path, *, staged: Path, classes: ClassTable, min_area: float, 
 
 
 @contextlib.contextmanager
+def local_cluster(processes: int, threads: int):
+    """A dask.distributed LocalCluster of ``processes`` workers with ``threads`` threads each,
+    their environment set for geodino's work (:func:`geodino.runtime.worker_environ`)."""
+    import dask
+    from distributed import LocalCluster
+
+    from geodino.runtime import worker_environ
+
+    with dask.config.set(worker_environ()), LocalCluster(n_workers=processes, threads_per_worker=threads,
+                                                         processes=True, dashboard_address=None) as cluster:
+        yield cluster
+
+
+@contextlib.contextmanager
 def _scheduler(options: RunOptions):
     """threads: dask's local threads; local: a LocalCluster; anything else: a scheduler address."""
     processes = options.processes if options.scheduler == "local" else 1
@@ -314,11 +328,10 @@ def _scheduler(options: RunOptions):
         with dask.config.set(scheduler="threads", num_workers=workers):
             yield None
         return
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if options.scheduler == "local":
-        with LocalCluster(n_workers=options.processes, threads_per_worker=workers, processes=True,
-                          dashboard_address=None) as cluster, Client(cluster) as client:
+        with local_cluster(options.processes, workers) as cluster, Client(cluster) as client:
             yield client
     else:
         try:

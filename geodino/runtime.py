@@ -11,7 +11,9 @@ import now applies as follows:
   ``rasterio.Env``) wins. dask.distributed workers that a run starts get it through their
   environment (``distributed.nanny.pre-spawn-environ``), scoped the same way.
 - One glibc malloc arena (as ``MALLOC_ARENA_MAX=1``): only in the ``geodino`` command itself
-  (:func:`limit_malloc_arenas`, called by ``geodino.cli.entry``), because ``mallopt`` cannot be
+  (:func:`limit_malloc_arenas`, called by ``geodino.cli.entry``) and in the dask.distributed
+  workers a run starts (:func:`worker_environ`, which also keeps glibc's adaptive mmap
+  threshold there), because ``mallopt`` cannot be
   undone portably and a notebook's process is not ours. Library users get glibc's default
   (one arena per thread, up to 8 per core); set ``MALLOC_ARENA_MAX=1`` in the environment for
   the flatter memory the CLI has (16384^2/2048^2 stitch peak 1.27x -> 1.22x, no slower).
@@ -48,12 +50,42 @@ def gdal_settings() -> Iterator[None]:
         pass
     else:
         workers_env["distributed.nanny.pre-spawn-environ.GDAL_CACHEMAX"] = str(GDAL_CACHE_MB)
-        if "MALLOC_ARENA_MAX" not in os.environ:
-            workers_env["distributed.nanny.pre-spawn-environ.MALLOC_ARENA_MAX"] = "1"
     # bytes: rasterio hands an integer to GDALSetCacheMax64 as it is, so 16 would be 16 bytes,
     # no block cache at all (every tile decoded again for each window and row that reads it)
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), dask.config.set(workers_env):
         yield
+
+
+# dask.distributed's default for its workers (distributed.yaml, ``pre-spawn-environ``)
+DISTRIBUTED_TRIM_THRESHOLD = 65536
+
+
+def worker_environ() -> dict:
+    """dask config for the worker processes a run starts itself (``--scheduler local``).
+
+    - One malloc arena, as in the CLI's own process (:func:`limit_malloc_arenas`), unless the
+      user set ``MALLOC_ARENA_MAX``.
+    - No ``MALLOC_TRIM_THRESHOLD_``. dask.distributed sets it to 64 KiB for every worker it
+      spawns. In glibc, setting any trim or mmap threshold also switches off the adaptive mmap
+      threshold, so each window-sized array (weights, blended sums, class codes: 1-16 MB) is
+      mmapped, faulted in page by page and unmapped again. The worker then spent 8.2-10.0 CPU-s
+      on what the threaded run does in ~5.5: blending 1.34 against 0.34 CPU-s, argmax 1.2 against
+      0.5 (8192^2, BENCHMARKS.md). Memory goes back to the system anyway: blocks leave the
+      worker as soon as they are gathered. A threshold other than distributed's default (the
+      user's own) is kept, as is one set in the environment.
+
+    Workers of a cluster the user started (a scheduler address) keep their own environment.
+    """
+    import dask
+
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        value = environ.get("MALLOC_TRIM_THRESHOLD_")
+        if value is not None and str(value) == str(DISTRIBUTED_TRIM_THRESHOLD):
+            del environ["MALLOC_TRIM_THRESHOLD_"]
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        environ.setdefault("MALLOC_ARENA_MAX", "1")
+    return {"distributed.nanny.pre-spawn-environ": environ}
 
 
 def limit_malloc_arenas() -> bool:
@@ -108,4 +140,5 @@ def exit_code_for(signum: int | None) -> int:
     return 128 + (signum or signal.SIGINT)
 
 
-__all__ = ["GDAL_CACHE_MB", "exit_code_for", "gdal_settings", "limit_malloc_arenas", "signals_as_interrupts"]
+__all__ = ["GDAL_CACHE_MB", "exit_code_for", "gdal_settings", "limit_malloc_arenas", "signals_as_interrupts",
+           "worker_environ"]

@@ -329,3 +329,36 @@ def test_quicklook_and_polygons_run_side_by_side_and_land_together(tmp_path, mon
     with pytest.raises(RuntimeError, match="disk full"):
         write_scene(build_run(str(SAMPLE), opts), tmp_path / "failed", quiet=True)
     assert sorted(p.name for p in (tmp_path / "failed").iterdir()) == []
+
+
+def test_local_cluster_workers_keep_glibcs_adaptive_mmap_threshold():
+    """distributed spawns workers with MALLOC_TRIM_THRESHOLD_=65536, which in glibc also fixes
+    the mmap threshold: every window-sized array is mmapped and faulted in again, and the
+    worker spent ~1.7x the threaded run's CPU on blending and class codes. Workers a run starts
+    itself get neither that nor more than one malloc arena."""
+    import os
+
+    from geodino.pipeline import _scheduler
+
+    with _scheduler(_demo_options(scheduler="local", processes=1, workers=1)) as client:
+        environ = next(iter(client.run(lambda: dict(os.environ)).values()))
+    assert "MALLOC_TRIM_THRESHOLD_" not in environ
+    assert environ["MALLOC_ARENA_MAX"] == os.environ.get("MALLOC_ARENA_MAX", "1")
+
+
+def test_worker_environ_keeps_what_the_user_chose(monkeypatch):
+    import dask
+
+    from geodino.runtime import worker_environ
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    key = "distributed.nanny.pre-spawn-environ"
+    with dask.config.set({key: {"MALLOC_TRIM_THRESHOLD_": 65536, "OMP_NUM_THREADS": 1}}):
+        assert worker_environ()[key] == {"OMP_NUM_THREADS": 1, "MALLOC_ARENA_MAX": "1"}
+    with dask.config.set({key: {"MALLOC_TRIM_THRESHOLD_": 1 << 20}}):  # the user's own threshold
+        assert worker_environ()[key] == {"MALLOC_TRIM_THRESHOLD_": 1 << 20, "MALLOC_ARENA_MAX": "1"}
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    with dask.config.set({key: {"MALLOC_TRIM_THRESHOLD_": 65536}}):
+        assert worker_environ()[key] == {"MALLOC_TRIM_THRESHOLD_": 65536}

@@ -18,6 +18,7 @@ from typing import Iterator, Sequence
 
 import dask
 from dask.highlevelgraph import HighLevelGraph
+from dask.core import flatten
 from dask.optimization import cull
 
 BATCH_PREFIX = "geodino-batch-"
@@ -37,6 +38,47 @@ def _as_data(key, value):
 
 def _is_batch(key) -> bool:
     return isinstance(key, tuple) and isinstance(key[0], str) and key[0].startswith(BATCH_PREFIX)
+
+
+def _fused(graph: dict, keys: Sequence) -> dict:
+    """Each requested block and the chain of single-use tasks under it as one task.
+
+    xarray's selections on the stitched outputs (``isel(band=0)``, ``expand_dims``) add two
+    ``getitem`` tasks above every assembled block, so an 8192^2 run with two outputs had 2212
+    tasks for 768 that do work. Threads run a task in microseconds, but dask.distributed
+    spends about a millisecond of scheduler, worker and client time on each (BENCHMARKS.md).
+    Batch tasks (many users, kept between waves) and the requested keys stay addressable.
+    Written here rather than with ``dask.optimization.fuse_linear``: on task-spec graphs that
+    left the fused task naming a key it had removed ("Missing dependency"), and
+    ``fuse_linear_task_spec`` renames the fused task and adds an alias task per block, which
+    is the per-task cost this removes. Older dask without task specs: the graph as it is.
+    """
+    try:
+        from dask._task_spec import GraphNode, Task, convert_legacy_graph
+    except ImportError:
+        return graph
+    graph = convert_legacy_graph(graph)
+    users: dict = {}
+    for k, node in graph.items():
+        for d in node.dependencies:
+            users[d] = users.get(d, 0) + 1
+    keep = set(keys) | {k for k in graph if _is_batch(k)}
+    for key in keys:
+        chain = [key]
+        while True:
+            deps = graph[chain[0]].dependencies
+            if len(deps) != 1:
+                break
+            (dep,) = deps
+            node = graph.get(dep)
+            if dep in keep or users.get(dep) != 1 or not isinstance(node, GraphNode) or node.block_fusion:
+                break
+            chain.insert(0, dep)
+        if len(chain) > 1:
+            graph[key] = Task.fuse(*(graph[k] for k in chain), key=key)
+            for k in chain[:-1]:
+                del graph[k]
+    return graph
 
 
 def _client():
@@ -148,6 +190,7 @@ def stream_blocks(arrays: Sequence, batches_per_wave: int | None = None
     background.
     """
     graph = dict(HighLevelGraph.merge(*[a.__dask_graph__() for a in arrays]))
+    graph = _fused(graph, [k for a in arrays for k in flatten(a.__dask_keys__())])
     if batches_per_wave is None:
         batches_per_wave = min(8, max(2, int(dask.config.get("num_workers", None) or 2)))
     waves, uses = _plan(graph, arrays, batches_per_wave)

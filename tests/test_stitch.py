@@ -237,6 +237,30 @@ def test_blocks_start_where_windows_start_and_only_the_overlap_is_held(small_sce
     assert all(not [r for r in results if r[0] == "patch"] for results in held)  # unused output: dropped
 
 
+def test_streamed_graph_has_one_task_per_block_and_the_same_blocks(small_scene):
+    """xarray's selections over the stitched blocks run inside the block tasks (a task costs
+    dask.distributed ~1 ms); the streamed blocks equal dask's own computation of them."""
+    from dask.core import flatten
+    from dask.highlevelgraph import HighLevelGraph
+
+    from geodino.stream import _fused, _is_batch, stream_blocks
+
+    scene, norm = prepare(open_scene(small_scene.scene), "reflectance", "sat")
+    out = stitch(scene, norm, window_grid(576, 640, WindowSpec(128, 32)), _BandMean(),
+                 {"value": OutputSpec(1)}, overlap=32, batch_size=4, chunks=200)
+    value = out["value"].isel(band=0).expand_dims(band=1).data  # as the pipeline writes it
+    graph = dict(HighLevelGraph.merge(value.__dask_graph__()))
+    keys = list(flatten(value.__dask_keys__()))
+    fused = _fused(dict(graph), keys)
+    batches = [k for k in graph if _is_batch(k)]
+    assert len(graph) == 3 * len(keys) + len(batches)  # assemble, isel, expand_dims per block
+    assert set(fused) == set(keys) | set(batches)
+    with dask.config.set(scheduler="threads"):
+        ref = value.compute()
+    for _, (rows, cols), block in stream_blocks([value]):
+        np.testing.assert_array_equal(block, ref[:, rows, cols])
+
+
 def test_intermediate_tiles_divide_block_boundaries():
     from geodino.export import stream_tile_size
 

@@ -340,9 +340,15 @@ def test_local_cluster_workers_keep_glibcs_adaptive_mmap_threshold():
 
     from geodino.pipeline import _scheduler
 
+    def seen():
+        import dask
+
+        return dict(os.environ), dask.config.get("distributed.worker.profile.enabled")
+
     with _scheduler(_demo_options(scheduler="local", processes=1, workers=1)) as client:
-        environ = next(iter(client.run(lambda: dict(os.environ)).values()))
+        environ, profiling = next(iter(client.run(seen).values()))
     assert "MALLOC_TRIM_THRESHOLD_" not in environ
+    assert profiling is False  # no dashboard shows it; sampling every thread each 10 ms costs CPU
     assert environ["MALLOC_ARENA_MAX"] == os.environ.get("MALLOC_ARENA_MAX", "1")
 
 

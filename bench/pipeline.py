@@ -103,9 +103,12 @@ def main() -> None:
     pipeline.ModelBundle = bundle  # build_run makes its bundle through this name
     if cluster is not None:
         # workers import torch and load the model on their first batch: a one-time cost per
-        # worker, paid here on a small scene so that the timed run measures the steady state
+        # worker, paid here on a small scene so that the timed run measures the steady state.
+        # The scene has batches for every worker (1024^2 had one: a second process loaded its
+        # model, made its instant outputs and opened the scene on the clock).
         t = time.perf_counter()
-        pipeline.write_scene(pipeline.build_run(str(pattern_rgb8_scene(1024)), opts), CACHE / "pipeline_warmup",
+        warm = pattern_rgb8_scene(1024 * max(2, args.processes))
+        pipeline.write_scene(pipeline.build_run(str(warm), opts), CACHE / "pipeline_warmup",
                              overwrite=True, quiet=True)
         warmup = time.perf_counter() - t
         SENT.clear()

@@ -349,6 +349,7 @@ def test_local_cluster_workers_keep_glibcs_adaptive_mmap_threshold():
         environ, profiling = next(iter(client.run(seen).values()))
     assert "MALLOC_TRIM_THRESHOLD_" not in environ
     assert profiling is False  # no dashboard shows it; sampling every thread each 10 ms costs CPU
+    assert environ["OMP_WAIT_POLICY"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     assert environ["MALLOC_ARENA_MAX"] == os.environ.get("MALLOC_ARENA_MAX", "1")
 
 
@@ -359,12 +360,15 @@ def test_worker_environ_keeps_what_the_user_chose(monkeypatch):
 
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     key = "distributed.nanny.pre-spawn-environ"
     with dask.config.set({key: {"MALLOC_TRIM_THRESHOLD_": 65536, "OMP_NUM_THREADS": 1}}):
-        assert worker_environ()[key] == {"OMP_NUM_THREADS": 1, "MALLOC_ARENA_MAX": "1"}
+        assert worker_environ()[key] == {"OMP_NUM_THREADS": 1, "MALLOC_ARENA_MAX": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     with dask.config.set({key: {"MALLOC_TRIM_THRESHOLD_": 1 << 20}}):  # the user's own threshold
-        assert worker_environ()[key] == {"MALLOC_TRIM_THRESHOLD_": 1 << 20, "MALLOC_ARENA_MAX": "1"}
+        assert worker_environ()[key] == {"MALLOC_TRIM_THRESHOLD_": 1 << 20, "MALLOC_ARENA_MAX": "1",
+                                         "OMP_WAIT_POLICY": "PASSIVE"}
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     with dask.config.set({key: {"MALLOC_TRIM_THRESHOLD_": 65536}}):
         assert worker_environ()[key] == {"MALLOC_TRIM_THRESHOLD_": 65536}

@@ -12,8 +12,9 @@ import rasterio.errors
 
 
 def metres_per_unit(crs) -> float | None:
-    """Metres in one linear unit of a projected ``crs`` (a rasterio CRS); None if geographic or absent."""
-    if crs is None or not crs.is_projected:
+    """Metres in one linear unit of ``crs`` (a rasterio CRS, projected or a local engineering
+    one); None if geographic or absent."""
+    if crs is None or crs.is_geographic:
         return None
     try:
         _, factor = crs.linear_units_factor
@@ -23,7 +24,7 @@ def metres_per_unit(crs) -> float | None:
 
 
 def pixel_area_m2(crs, transform) -> float | None:
-    """Ground area of one pixel of the grid (``transform`` an Affine) in m²; None if not projected."""
+    """Ground area of one pixel of the grid (``transform`` an Affine) in m²; None if geographic or absent."""
     factor = metres_per_unit(crs)
     if factor is None:
         return None

@@ -14,6 +14,7 @@ from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from geodino.errors import InputError
+from geodino.units import metres_per_unit
 from geodino.trees.params import PixelSize
 
 MIN_PIXEL_M, MAX_PIXEL_M = 0.02, 5.0
@@ -99,8 +100,5 @@ def _pixel_size_m(crs: CRS, t: Affine, width: int, height: int) -> PixelSize:
         _, _, dx = geod.inv(lon, lat, lon + abs(t.a), lat)
         _, _, dy = geod.inv(lon, lat, lon, lat + abs(t.e))
         return PixelSize(y=float(dy), x=float(dx))
-    try:
-        _, factor = crs.linear_units_factor
-    except rasterio.errors.CRSError:
-        factor = 1.0
+    factor = metres_per_unit(crs)
     return PixelSize(y=abs(t.e) * factor, x=abs(t.a) * factor)

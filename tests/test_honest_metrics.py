@@ -61,7 +61,7 @@ def test_polygon_class_names_are_taken_from_their_text_column(tmp_path):
     from shapely.geometry import box
 
     from geodino.scene import open_scene
-    from geodino.train import Labels
+    from geodino.labels import Labels
 
     scene = open_scene(write_raster(tmp_path / "s.tif", random_image(32, 32, 3, "uint8")))
     polys = gpd.GeoDataFrame({"id": [1, 2], "class": ["forest", "water"]},
@@ -74,7 +74,7 @@ def test_polygon_class_names_are_taken_from_their_text_column(tmp_path):
 
 def test_real_polygons_name_their_classes_without_being_told_the_column(tmp_path):
     from geodino.scene import open_scene
-    from geodino.train import Labels
+    from geodino.labels import Labels
 
     scene = open_scene(realdata("LE70220492002106EDC00_stack.gtif"))
     with pytest.warns(UserWarning, match="several names"):  # the file has two mislabelled polygons

@@ -17,7 +17,8 @@ from geodino.heads import load_head
 from geodino.metrics import class_metrics, evaluate_rasters, height_metrics
 from geodino.scene import open_scene
 from geodino.tiling import Tile, WindowSpec, window_grid
-from geodino.train import FitConfig, Labels, blocked_split, fit
+from geodino.labels import Labels
+from geodino.train import FitConfig, blocked_split, fit
 from tests.conftest import realdata
 from tests.helpers import random_image, write_raster
 

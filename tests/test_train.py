@@ -14,14 +14,13 @@ from shapely.geometry import box
 from geodino.backbone import load_backbone
 from geodino.errors import InputError, ModelError
 from geodino.heads import load_head
+from geodino.labels import Labels
 from geodino.metrics import class_metrics, evaluate_rasters, height_metrics
 from geodino.scene import open_scene
 from geodino.tiling import Tile, WindowSpec, window_grid
-from geodino.labels import Labels
 from geodino.train import FitConfig, blocked_split, fit
 from tests.conftest import realdata
 from tests.helpers import random_image, write_raster
-
 
 # -- metrics against hand-computed values ---------------------------------------------
 

@@ -75,6 +75,8 @@ def interpolate_block(acc: np.ndarray, wsum: np.ndarray, scale: int, origin: tup
     """
     import torch
 
+    if scale & (scale - 1):
+        return _interpolate_global(acc, wsum, scale, origin, block, shape)
     (pr0, pc0), (r0, c0), (h, w) = origin, block, shape
     top, left = r0 - pr0 * scale, c0 - pc0 * scale
     size = [top + h, left + w]
@@ -84,6 +86,37 @@ def interpolate_block(acc: np.ndarray, wsum: np.ndarray, scale: int, origin: tup
     stack = torch.from_numpy(np.concatenate([acc, wsum[None]])[None])
     up = torch.ops.aten.upsample_bilinear2d(stack, size, False, float(scale), float(scale))[0]
     return up.numpy()[:, top:top + h, left:left + w]
+
+
+def _axis(start: int, n: int, scale: int, origin: int, size: int):
+    """Source rows (or columns) and weights of full-resolution pixels start..start+n, from
+    their global position: (g + 0.5) / scale - 0.5 in float64, clamped at the grid's start;
+    indexes relative to the region that begins at coarse ``origin`` and has ``size`` pixels."""
+    src = np.maximum((np.arange(start, start + n, dtype=np.float64) + 0.5) / scale - 0.5, 0.0)
+    first = np.floor(src)
+    weight = (src - first).astype(np.float32)
+    i0 = first.astype(np.int64) - origin
+    return np.minimum(i0, size - 1), np.minimum(i0 + 1, size - 1), weight
+
+
+def _interpolate_global(acc: np.ndarray, wsum: np.ndarray, scale: int, origin: tuple[int, int],
+                        block: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear interpolation (``align_corners=False``) for a scale that is not a power of two.
+
+    torch places a pixel at ``(local + 0.5) * (1 / scale) - 0.5``, counted from the region's
+    origin; with 1/14 inexact, the same pixel cut from two regions (two chunkings) got
+    weights a few ulps apart (up to 7e-6 apart in value, enough to flip a near-tied class).
+    Here positions come from global pixel indexes, so a pixel's value depends on nothing but
+    the coarse values around it. Rows, then columns, in float32. Written here because torch
+    and scipy both compute positions relative to their input. Powers of two (every released
+    DINOv3 stride: 16 and 32) are exact in torch and keep its kernel.
+    """
+    (pr0, pc0), (r0, c0), (h, w) = origin, block, shape
+    stack = np.concatenate([acc, wsum[None]])
+    y0, y1, ly = _axis(r0, h, scale, pr0, stack.shape[1])
+    x0, x1, lx = _axis(c0, w, scale, pc0, stack.shape[2])
+    rows = stack[:, y0] * (np.float32(1) - ly)[:, None] + stack[:, y1] * ly[:, None]
+    return rows[:, :, x0] * (np.float32(1) - lx) + rows[:, :, x1] * lx
 
 
 def argmax_codes(logits: np.ndarray, codes: np.ndarray, nodata: int, weight: np.ndarray | None = None,

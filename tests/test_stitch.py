@@ -343,14 +343,21 @@ def test_upsampled_outputs_blend_on_the_patch_grid_and_do_not_depend_on_chunks(c
 
 
 def _reference_codes(acc, wsum, valid, scale, origin, block, codes, nodata):
-    """The class codes as made before geodino.upsample: F.interpolate over the whole region,
-    cut, divided into a float block, NaN where invalid, then a running argmax of that block."""
+    """The class codes as made before geodino.upsample: F.interpolate over the whole region
+    (strides that are not powers of two: the same interpolation from global positions), cut, divided into a float block, NaN where invalid, then a running argmax of that block."""
     import torch
 
     (pr0, pc0), (r0, c0), (h, w) = origin, block, valid.shape
-    stack = torch.from_numpy(np.concatenate([acc, wsum[None]]).transpose(1, 2, 0)[None]).permute(0, 3, 1, 2)
-    up = torch.nn.functional.interpolate(stack, scale_factor=scale, mode="bilinear", align_corners=False)[0]
-    up = up[:, r0 - pr0 * scale:r0 - pr0 * scale + h, c0 - pc0 * scale:c0 - pc0 * scale + w].numpy()
+    if scale & (scale - 1):  # not a power of two: interpolated from global positions, not torch's
+        from geodino.upsample import _interpolate_global
+
+        up = _interpolate_global(acc, wsum, scale, origin, (pr0 * scale, pc0 * scale),
+                                 (acc.shape[1] * scale, acc.shape[2] * scale))
+    else:
+        stack = torch.from_numpy(np.concatenate([acc, wsum[None]]).transpose(1, 2, 0)[None]).permute(0, 3, 1, 2)
+        up = torch.nn.functional.interpolate(stack, scale_factor=scale, mode="bilinear", align_corners=False)[0]
+        up = up.numpy()
+    up = up[:, r0 - pr0 * scale:r0 - pr0 * scale + h, c0 - pc0 * scale:c0 - pc0 * scale + w]
     with np.errstate(divide="ignore", invalid="ignore"):
         logits = up[:-1] / up[-1]
     logits[:, ~valid] = np.nan

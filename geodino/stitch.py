@@ -352,6 +352,8 @@ def stitch(scene, normalise, tiles: Sequence[Tile], predictor: Predictor, output
     batches = _batches(tiles, batch_size)
     window = max((t.size for t in tiles), default=chunks)
     ensure_block_cache(scene.block_cache_bytes(window))
+    if tiles and hasattr(scene, "expect_windows"):
+        scene.expect_windows(window, [t.row for t in tiles], [t.col for t in tiles])
     batch_layer = {(batch_name, i): (run_batch, scene, normalise, b, predictor, dict(outputs), overlap, counter)
                    for i, b in enumerate(batches)}
     batch_rows = _group_rows(batches)

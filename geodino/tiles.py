@@ -8,8 +8,9 @@ slow even from its block cache: it copies band by band with a pixel stride (8192
 them with numpy took 0.9 s for the same windows. GDAL's block cache cannot stand in for this
 cache: it holds what the writers write too, so at geodino's 16 MB (see
 :mod:`geodino.runtime`) the tiles of the row above are gone when the next row of windows
-needs them; this cache holds only source tiles: the row of tiles two rows of windows share
-and the tiles of the windows being read.
+needs them; this cache holds only source tiles: of the row of tiles two rows of windows
+share, the rows the next row of windows reads (once told the window grid:
+:meth:`TiledReader.window_done`), and the tiles of the windows being read.
 
 Only exact conversions take this path (uint8, int8, uint16, int16 and float32 to float32:
 the window is bit-identical to GDAL's read); warped scenes, mosaics (VRT documents) and

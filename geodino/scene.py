@@ -182,6 +182,8 @@ class Scene:
         with self._read_errors(f"window col {ic0}-{ic1}, row {ir0}-{ir1}"):
             if tiled is not None and tiled.fits(h, w):
                 ok = tiled.read(ds, inner, part, keep=keep_tiles)
+                if keep_tiles:
+                    tiled.window_done(r0, c0, h, w)
             else:
                 ds.read(self.bands, window=inner, out=part)
                 ok = self._valid(ds, window=inner)
@@ -279,13 +281,20 @@ class Scene:
         data, valid = memo[max_size]
         return data.astype(np.float32), valid
 
+    def expect_windows(self, size: int, rows, cols) -> None:
+        """Windows of ``size`` px starting at ``rows`` x ``cols`` will be read row by row:
+        decoded tiles keep only what later windows read
+        (:meth:`geodino.tiles.TiledReader.window_done`)."""
+        reader = self._tiled_reader(self._dataset())
+        if reader is not None:
+            reader.windows = (int(size), sorted({int(r) for r in rows}), sorted({int(c) for c in cols}))
+
     def release_tiles(self) -> None:
         """Drop the decoded source tiles kept for overlapping windows (at the end of a run's
         reading; a later read decodes what it needs again)."""
         reader = self.__dict__.get("_tiles")
         if reader:
-            reader.cache.clear()
-            reader.cache.capacity = 0  # room is made again for the next windows' size, not the largest ever read
+            reader.release()
 
     def _sample_grid(self, max_size: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Rows and columns of a decimated read to ``max_size`` without overviews (every f-th

@@ -264,8 +264,10 @@ def _batches(tiles: Sequence[Tile], batch_size: int) -> list[list[Tile]]:
     return [list(tiles[i:i + batch_size]) for i in range(0, len(tiles), batch_size)]
 
 
-def _chunks(n: int, size: int) -> tuple[int, ...]:
-    return tuple(min(size, n - i) for i in range(0, n, size))
+def _chunks(n: int, size: int, shift: int = 0) -> tuple[int, ...]:
+    """Blocks of ``size`` along an axis of ``n``, all boundaries moved ``shift`` earlier (the first block shorter)."""
+    bounds = [0] + [b for b in range(size - shift, n, size) if b > 0] + [n]
+    return tuple(b - a for a, b in zip(bounds, bounds[1:])) if n > 0 else ()
 
 
 def block_size(chunks: int, window: int, overlap: int) -> int:
@@ -276,6 +278,30 @@ def block_size(chunks: int, window: int, overlap: int) -> int:
     """
     stride = window - overlap
     return chunks // stride * stride if chunks >= stride else chunks
+
+
+def upsample_shift(csize: int, window: int, overlap: int, scales: Sequence[int]) -> int:
+    """How far before a window row full-resolution blocks end when outputs are upsampled.
+
+    A full-resolution block of an upsampled output interpolates the coarse pixel after its
+    last row, which the next row of windows also covers: with blocks ending where windows
+    start, no block of a row could be made before the next row of windows was inferred, and
+    every result of the row (whole windows, for both dates of a change) was held until then.
+    Ending blocks at least one coarse pixel earlier lets a row of blocks complete with its
+    own row of windows; the window results of the row above then shrink to the strip the
+    next row needs (the overlap plus the shift). The shift is the coarse pixel doubled while
+    it stays within the overlap and divides the stride, so block boundaries keep the stride's
+    powers of two (streamed overview levels, intermediate tiles: :mod:`geodino.overviews`,
+    :func:`geodino.cogcodec.stream_tile_size`). 0: no upsampled output, or blocks not aligned
+    with windows (smaller than a stride).
+    """
+    stride = window - overlap
+    s = max(scales, default=1)
+    if s <= 1 or csize < stride or csize % stride or s >= stride:
+        return 0
+    while 2 * s <= overlap and stride % (2 * s) == 0 and 2 * s < stride:
+        s *= 2
+    return s
 
 
 class _Counter:
@@ -303,7 +329,8 @@ def stitch(scene, normalise, tiles: Sequence[Tile], predictor: Predictor, output
     Returns one dask-backed DataArray (channel, y, x) per output, float32, NaN where no valid
     input contributes, with CRS and transform attached. Nothing runs until blocks are computed.
     Full-resolution blocks are ``chunks`` rounded down to whole window strides (see
-    :func:`block_size`); coarsened outputs (e.g. embeddings) use ``chunks // scale``.
+    :func:`block_size`), their boundaries moved :func:`upsample_shift` earlier when an output
+    is upsampled; coarsened outputs (e.g. embeddings) use ``chunks // scale``.
     Raises GDAL's block cache if the source needs more than it holds (striped files:
     :func:`geodino.scene.ensure_block_cache`).
 
@@ -325,16 +352,20 @@ def stitch(scene, normalise, tiles: Sequence[Tile], predictor: Predictor, output
     batches = _batches(tiles, batch_size)
     window = max((t.size for t in tiles), default=chunks)
     ensure_block_cache(scene.block_cache_bytes(window))
+    if tiles and hasattr(scene, "expect_windows"):
+        scene.expect_windows(window, [t.row for t in tiles], [t.col for t in tiles])
     batch_layer = {(batch_name, i): (run_batch, scene, normalise, b, predictor, dict(outputs), overlap, counter)
                    for i, b in enumerate(batches)}
     batch_rows = _group_rows(batches)
+    full_csize = block_size(chunks, window, overlap)
+    shift = upsample_shift(full_csize, window, overlap, [spec.scale for spec in outputs.values() if spec.upsample])
     results = {}
     for name, spec in outputs.items():
         s = 1 if spec.upsample else spec.scale
         oh, ow = math.ceil(grid.height / s), math.ceil(grid.width / s)
         coarse = (math.ceil(grid.height / spec.scale), math.ceil(grid.width / spec.scale))
-        csize = block_size(chunks, window, overlap) if s == 1 else max(1, chunks // s)
-        rchunks, cchunks = _chunks(oh, csize), _chunks(ow, csize)
+        csize, first = (full_csize, shift) if s == 1 else (max(1, chunks // s), 0)
+        rchunks, cchunks = _chunks(oh, csize, first), _chunks(ow, csize, first)
         out_name = f"geodino-{name}-{token}"
         layer, codes_layer = {}, {}
         codes = (class_codes or {}).get(name) if spec.upsample else None

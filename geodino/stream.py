@@ -7,7 +7,8 @@ a few output blocks, in the order in which their windows are inferred (row-major
 the active scheduler (threads, or a dask.distributed client). Window-batch results that
 later waves still need are kept between waves, cropped to the part those waves use, and
 passed back in as data, so each window is still inferred exactly once. With blocks that
-start where windows start (:func:`geodino.stitch.block_size`), what is held between rows of
+start where windows start (:func:`geodino.stitch.block_size`; a little before, with
+upsampled outputs: :func:`geodino.stitch.upsample_shift`), what is held between rows of
 blocks is the window overlap strip across the scene's width; everything else is dropped as
 soon as its blocks are written (see BENCHMARKS.md for measured figures).
 """

@@ -93,19 +93,31 @@ class TileStore:
         if top % t or pixels.shape[-1] != self.width:
             raise ValueError(f"a row of tiles starts on a multiple of {t} and spans the width {self.width}")
         rows = pixels.reshape(pixels.shape[-2], self.width)
-        chunks = []
-        for c in range(self.across):
-            part = rows[:, c * t:(c + 1) * t]
-            if part.shape != (t, t):  # an edge tile: padded to the full tile
-                pad = np.full((t, t), self.fill, self.dtype)
-                pad[:part.shape[0], :part.shape[1]] = part
-                part = pad
-            chunks.append(encode_tile(part, self.predictor, self.level))
         first = top // t * self.across
-        for k, data in enumerate(chunks):
-            self.offsets[first + k], self.counts[first + k] = self._end, len(data)
+        self._append([(first + c, self._encode(rows[:, c * t:(c + 1) * t])) for c in range(self.across)])
+
+    def write_tile(self, pixels: np.ndarray, top: int, left: int) -> None:
+        """Encode and append one tile: ``pixels`` (1, rows, cols), the whole tile (cut at the
+        image's edge) whose first pixel is (``top``, ``left``). Tiles may come in any order."""
+        t = self.tile
+        rows = pixels.reshape(pixels.shape[-2:])
+        if top % t or left % t or rows.shape != (min(t, self.height - top), min(t, self.width - left)):
+            raise ValueError(f"a tile starts on multiples of {t} and is whole (cut only at the image's edge)")
+        self._append([(top // t * self.across + left // t, self._encode(rows))])
+
+    def _encode(self, part: np.ndarray) -> bytes:
+        t = self.tile
+        if part.shape != (t, t):  # an edge tile: padded to the full tile
+            pad = np.full((t, t), self.fill, self.dtype)
+            pad[:part.shape[0], :part.shape[1]] = part
+            part = pad
+        return encode_tile(part, self.predictor, self.level)
+
+    def _append(self, tiles: list[tuple[int, bytes]]) -> None:
+        for index, data in tiles:
+            self.offsets[index], self.counts[index] = self._end, len(data)
             self._end += len(data)
-        self._file.write(b"".join(chunks))
+        self._file.write(b"".join(data for _, data in tiles))
 
     def close(self) -> None:
         if not self._file.closed:

@@ -139,6 +139,31 @@ def test_tile_rows_complete_tiles_from_blocks_in_any_order(tmp_path):
     assert TileRows.buffer_bytes(1, 16384, "float32", 512) == 2 * 512 * 16384 * 4
 
 
+def test_tile_rows_hold_about_one_row_of_tiles_while_blocks_arrive_row_by_row(tmp_path):
+    """Each tile is handed over once whole, not each row of tiles: blocks 448 rows tall make
+    a row of them touch two rows of 512 tiles, and whole rows held both (twice what this
+    allows: 8 tiles across the 4096 px below, of 1 MB each)."""
+    import tracemalloc
+
+    data = np.random.default_rng(3).normal(size=(1, 1500, 4096)).astype("float32")
+    tile_bytes = 512 * 512 * 4
+    with rasterio.open(tmp_path / "rows.tif", "w", **_profile(4096, height=1500)) as dst:
+        rows = TileRows(dst)
+        tracemalloc.start()
+        try:
+            for r in range(0, 1500, 448):
+                for c in range(0, 4096, 448):
+                    rs, cs = slice(r, min(r + 448, 1500)), slice(c, min(c + 448, 4096))
+                    rows.write(data[:, rs, cs], rs, cs)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        rows.close()
+    assert peak <= (8 + 2) * tile_bytes + 2**18, peak / tile_bytes  # a row of 8 tiles and the two under a block
+    with rasterio.open(tmp_path / "rows.tif") as got:
+        np.testing.assert_array_equal(got.read(), data)
+
+
 def _output(tmp_path, name, data, dtype, **kw):
     arr = xr.DataArray(data, dims=("band", "y", "x")).chunk({"band": -1, "y": 448, "x": 448})
     arr = arr.rio.write_crs("EPSG:32633").rio.write_transform(from_origin(500000, 4000000, 0.5, 0.5))

@@ -237,6 +237,56 @@ def test_blocks_start_where_windows_start_and_only_the_overlap_is_held(small_sce
     assert all(not [r for r in results if r[0] == "patch"] for results in held)  # unused output: dropped
 
 
+def test_with_an_upsampled_output_rows_of_blocks_end_before_the_next_row_of_windows(small_scene, monkeypatch):
+    """A full-resolution block of an upsampled output interpolates one coarse pixel past its
+    end. Blocks that ended where the next row (column) of windows starts needed that row:
+    none of a row of blocks was made before the next row of windows was inferred, and a block
+    combining both outputs (a change's classes: heights and land cover) held the whole
+    windows of its own row meanwhile, for every date, across the scene's width. Blocks now
+    end a shift earlier: every block needs only windows that start before it ends, and held
+    results of rows above are strips of the overlap plus the shift."""
+    import dask.array as da
+    from dask.core import flatten
+    from dask.optimization import cull
+
+    import geodino.stream as stream
+    from geodino.stitch import VALID
+    from geodino.stream import _is_batch, stream_blocks
+
+    scene, norm = prepare(open_scene(small_scene.scene), "reflectance", "sat")
+    out = stitch(scene, norm, window_grid(576, 640, WindowSpec(128, 32)), _BandMean(),
+                 {"value": OutputSpec(1), "patch": OutputSpec(1, 16, upsample=True)}, overlap=32, batch_size=4,
+                 chunks=200)
+    value, patch = out["value"].data, out["patch"].data
+    assert value.chunks == patch.chunks
+    graph = dict(patch.__dask_graph__())
+    tiles = window_grid(576, 640, WindowSpec(128, 32))
+    row_ends, col_ends = np.cumsum(patch.chunks[1]), np.cumsum(patch.chunks[2])
+    for key in flatten(patch.__dask_keys__()):
+        _, _, i, j = key
+        last = max(k[1] for k in cull(graph, [key])[0] if _is_batch(k))  # batches of 4 windows, row-major
+        own = max(t.index for t in tiles if t.row < row_ends[i] and t.col < col_ends[j])
+        assert last == own // 4, key  # not a batch of a window starting after the block
+    both = da.map_blocks(np.add, value, patch, dtype=np.float32)  # needs both outputs' blocks
+    held = []
+    real_as_data = stream._as_data
+
+    def as_data(key, value):
+        held.append([(name, res.tile.row, res.row, (res.values if res.values is not None else res.mask).shape[-2])
+                     for name, results in value.items() for res in results])
+        return real_as_data(key, value)
+
+    monkeypatch.setattr(stream, "_as_data", as_data)
+    blocks = {(rows.start, cols.start): block for _, (rows, cols), block in stream_blocks([both])}
+    with dask.config.set(scheduler="threads"):
+        ref = both.compute()
+    for (r, c), block in blocks.items():
+        np.testing.assert_array_equal(block, ref[:, r:r + block.shape[1], c:c + block.shape[2]])
+    strips = [rows for results in held for name, tile_row, start, rows in results
+              if name in ("value", VALID) and tile_row < start]
+    assert strips and max(strips) <= 32 + 32, strips
+
+
 def test_streamed_graph_has_one_task_per_block_and_the_same_blocks(small_scene):
     """xarray's selections over the stitched blocks run inside the block tasks (a task costs
     dask.distributed ~1 ms); the streamed blocks equal dask's own computation of them."""

@@ -97,6 +97,36 @@ def test_each_tile_is_decoded_once_across_rows_of_windows(tmp_path):
     assert not other._tiled_reader(other._dataset()).cache._tiles
 
 
+def test_tiles_keep_only_the_rows_later_windows_read(tmp_path):
+    """Between rows of windows the cache held whole the row of tiles two rows of windows
+    share (a row of tiles across the scene per date); now only its rows from the next row
+    of windows' top, and each tile is still decoded once."""
+    path = write_raster(tmp_path / "s.tif", random_image(512, 384, 3, "uint8"), tiled=True, blockxsize=64,
+                        blockysize=64)
+    scene, reference = open_scene(path), _gdal_only(path)
+    windows = window_grid(512, 384, WindowSpec(96, 32))
+    scene.expect_windows(96, [t.row for t in windows], [t.col for t in windows])
+    reader = scene._tiled_reader(scene._dataset())
+    tops = sorted({t.row for t in windows})
+    for i, tile in enumerate(windows):
+        data, valid = scene.read(tile.window)
+        ref, ref_valid = reference.read(tile.window)
+        np.testing.assert_array_equal(data, ref)
+        np.testing.assert_array_equal(valid, ref_valid)
+        if i + 1 < len(windows) and windows[i + 1].row != tile.row:  # a row of windows is done
+            below = tops[tops.index(tile.row) + 1]
+            held = {(tr * 64 + start) for (tr, _), (_, _, start) in reader.cache._tiles.items()}
+            assert held and min(held) >= below, (tile.row, sorted(held))
+    assert reader.cache.loads == (512 // 64) * (384 // 64)
+    # windows of a row read in another order (batches side by side on threads): still once
+    other = open_scene(path)
+    other.expect_windows(96, [t.row for t in windows], [t.col for t in windows])
+    for top in tops:
+        for tile in sorted((t for t in windows if t.row == top), key=lambda t: -t.col):
+            other.read(tile.window)
+    assert other._tiled_reader(other._dataset()).cache.loads == (512 // 64) * (384 // 64)
+
+
 def test_other_sources_read_through_gdal(tmp_path):
     f64 = write_raster(tmp_path / "f64.tif", random_image(64, 64, 3, "float64"))
     assert open_scene(f64)._tiled_reader(open_scene(f64)._dataset()) is None  # not exact in float32

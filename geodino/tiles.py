@@ -185,7 +185,6 @@ class TiledReader:
                     valid[dst] = ok[src]
         return valid
 
-
     def release(self) -> None:
         """Drop every decoded tile and what was counted of the windows read."""
         self.cache.clear()

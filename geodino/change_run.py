@@ -75,7 +75,7 @@ class ChangeRun:
 
 def grid_of(path: str | Path) -> Grid:
     """The grid (CRS, transform, size) of a raster file, for ``--grid``."""
-    from geodino.scene import _open_checked
+    from geodino.sources import _open_checked
 
     with _open_checked(str(path)) as src:
         if src.crs is None:

@@ -277,7 +277,8 @@ def fit(
     """Fit a canopy-height or land-cover head on frozen DINOv3 features of a labelled scene."""
     import json
 
-    from geodino.train import FitConfig, fit as fit_head
+    from geodino.train import FitConfig
+    from geodino.train import fit as fit_head
 
     cfg = FitConfig(task=task, scene=scene, labels=labels, backbone=backbone, out=str(out), head_type=head_type,
                     profile=profile, bands=_bands(bands), window=window, class_column=class_column,

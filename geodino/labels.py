@@ -90,7 +90,7 @@ class Labels:
             self.classes = None
 
     def _open_raster(self, classes) -> None:
-        from geodino.scene import _open_checked
+        from geodino.sources import _open_checked
 
         src = _open_checked(self.path)
         if src.crs is None:

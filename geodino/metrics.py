@@ -130,7 +130,7 @@ def evaluate_rasters(prediction: str | Path, reference: str | Path, task: str, *
     from rasterio.vrt import WarpedVRT
     from rasterio.windows import Window
 
-    from geodino.scene import _open_checked
+    from geodino.sources import _open_checked
 
     if task not in ("canopy", "landcover"):
         raise InputError(f"unknown task {task!r}; use canopy or landcover")

@@ -26,8 +26,8 @@ import geodino
 from geodino.classes import ClassTable
 from geodino.errors import ConfigError
 from geodino.export import RasterOutput, atomic_path, check_writable, polygonize, write_rasters
-from geodino.model_checks import check_model_fit, is_demo_model
 from geodino.fingerprint import display_path
+from geodino.model_checks import check_model_fit, is_demo_model
 from geodino.options import RunOptions, load_pipeline
 from geodino.predict import ModelBundle, auto_batch_size
 from geodino.progress import Progress

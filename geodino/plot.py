@@ -10,8 +10,8 @@ small extents, degrees for geographic CRSs), and every function accepts ``ax=``.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 

@@ -12,8 +12,8 @@ hold the GPU up. Batch sizes are bounded by :mod:`geodino.batchsize`.
 
 from __future__ import annotations
 
-import functools
 import dataclasses
+import functools
 import hashlib
 import os
 import threading

@@ -6,8 +6,14 @@ import sys
 import threading
 import time
 
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress as _RichProgress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as _RichProgress
 
 
 class Progress:

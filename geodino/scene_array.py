@@ -13,7 +13,7 @@ import rasterio
 from rasterio.windows import Window
 
 from geodino.errors import InputError
-from geodino.scene import SUPPORTED_DTYPES
+from geodino.sources import SUPPORTED_DTYPES
 
 _ARRAY_DIR: list[Path] = []
 

@@ -128,7 +128,7 @@ def choose_bands(profile: SensorProfile, scene) -> tuple[int, int, int] | None:
     """Default (red, green, blue) band indexes of ``scene`` for ``profile`` (None: use as is)."""
     import rasterio
 
-    from geodino.scene import resolve_bands
+    from geodino.sources import resolve_bands
 
     with rasterio.open(scene.source) as ds:
         if ds.count < profile.min_bands:

@@ -18,8 +18,8 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 import dask
-from dask.highlevelgraph import HighLevelGraph
 from dask.core import flatten
+from dask.highlevelgraph import HighLevelGraph
 from dask.optimization import cull
 
 BATCH_PREFIX = "geodino-batch-"

@@ -14,8 +14,8 @@ from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from geodino.errors import InputError
-from geodino.units import metres_per_unit
 from geodino.trees.params import PixelSize
+from geodino.units import metres_per_unit
 
 MIN_PIXEL_M, MAX_PIXEL_M = 0.02, 5.0
 

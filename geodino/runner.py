@@ -201,7 +201,7 @@ def _decide(plan: ScenePlan, options: RunOptions, overwrite: bool) -> None:
     plan.geodino_files = tuple(sorted(n for n in ours if (out / n).exists()))
     if report is not None and report.get("complete") and REPORT in ours:
         diffs = differences(report.get("fingerprint"), plan.fingerprint)
-        if not diffs and is_complete(out):
+        if not diffs and is_complete(out) and not overwrite:  # --overwrite recomputes, as it says
             plan.skip = True
             return
         if diffs and not overwrite:

@@ -85,6 +85,18 @@ def test_another_scene_into_a_finished_folder_is_refused(scenes, tmp_path):
     assert report["scene"][0].endswith("a/scene.tif")
 
 
+def test_overwrite_recomputes_a_finished_identical_run(scenes, tmp_path):
+    """``--overwrite`` says "Recompute and replace finished outputs": a folder holding this very
+    run's complete outputs is made again, not skipped."""
+    out = _copy_finished(scenes, tmp_path)
+    stamp = (out / "landcover.tif").stat().st_mtime_ns
+    logs = []
+    run_scenes([str(scenes["a"])], out, _options(), overwrite=True, log=logs.append)
+    assert not any("skipped" in m for m in logs), logs
+    assert (out / "landcover.tif").stat().st_mtime_ns != stamp
+    assert json.loads((out / "report.json").read_text())["complete"] is True
+
+
 def test_a_modified_scene_or_model_is_not_skipped(scenes, tmp_path):
     scene = tmp_path / "scene.tif"
     shutil.copy2(scenes["a"], scene)
